@@ -1,0 +1,1 @@
+"""Cluster side and entry point: the `stylegen` CLI, Ray Jobs submission, reports."""

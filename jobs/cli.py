@@ -1,0 +1,106 @@
+"""The ``stylegen`` command line (DESIGN §3).
+
+User errors (bad config, unreadable source) print one line ``error: ...`` on stderr and exit 2; a finished
+run exits 0 and prints ``planned=N kept=K rejected=R failed=F skipped=S`` as its last line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Generate stylized image corpora: plan, stylize, score, filter, shard.")
+models_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
+app.add_typer(models_app, name="models")
+
+EXIT_USAGE = 2
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: dotted.key=value")]
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _check_sources(cfg) -> int:
+    from pipeline.plan import build_plan
+    from pipeline.sources import SourceError
+
+    try:
+        return len(build_plan(cfg))
+    except SourceError as exc:
+        _fail(str(exc))
+    return 0
+
+
+@app.command()
+def validate(config: Path, set_: SetOpt = None) -> None:
+    """Check a config and its sources without running anything."""
+    cfg = _load(config, set_)
+    planned = _check_sources(cfg)
+    typer.echo(f"ok: {config} is valid; planned={planned}")
+
+
+@app.command()
+def run(
+    config: Path,
+    set_: SetOpt = None,
+    address: Annotated[str | None, typer.Option(help="Ray address; default: embedded local Ray")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks")] = False,
+) -> None:
+    """Run (or resume) a generation job."""
+    from pipeline.run import run as run_job
+    from pipeline.sources import SourceError
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _load(config, set_)
+    try:
+        summary = run_job(cfg, address=address, quiet=quiet)
+    except SourceError as exc:
+        if debug:
+            raise
+        _fail(str(exc))
+    typer.echo(summary.line())
+
+
+@models_app.command("tiny")
+def models_tiny(
+    kind: Annotated[str, typer.Argument(help="flux-fill | sd15 | sdxl | clip")],
+    out_dir: Path,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
+) -> None:
+    """Write a tiny random-weight model of KIND (real architecture) to OUT_DIR, offline."""
+    from operators.models import save_tiny, tiny_kinds
+
+    if kind not in tiny_kinds():
+        _fail(f"unknown tiny model kind {kind!r}; known: {', '.join(tiny_kinds())}")
+    save_tiny(kind, out_dir, seed=seed)
+    typer.echo(f"wrote tiny {kind} model to {out_dir}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Operator registry: turns an operator config into a callable that stylizes a batch.
+
+Contract (DESIGN §6): ``op(items) -> results``, one result per item, same order.
+An item is ``{"key", "prompt", "style", "content", "seed"}`` where ``style`` is a PIL image (or a list of
+them for operators that take several) and ``content`` a PIL image or None. A result is
+``{"key", "image": PIL.Image, "meta": dict}``; an operator may instead return
+``{"key", "error": "reason"}`` for a sample it cannot make, which the pipeline records as ``failed``.
+
+Operators never import Ray or pipeline code; heavy modules are imported lazily so that building the
+weight-free ``color-transfer`` operator does not pay for diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+# name -> "module:factory". A factory is called as factory(model=..., params=..., device=...).
+_REGISTRY: dict[str, str] = {
+    "color-transfer": "operators.color_transfer:ColorTransfer",
+    "sissi": "operators.sissi:SissiOperator",
+    "ad-t2i": "operators.attention_distillation:ADText2Image",
+    "ad-transfer": "operators.attention_distillation:ADTransfer",
+    "ad-texture": "operators.attention_distillation:ADTexture",
+}
+
+
+class Operator(Protocol):
+    """What the pipeline needs from an operator."""
+
+    name: str
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+
+class UnknownOperatorError(ValueError):
+    """Raised for an operator name that is not registered."""
+
+
+def operator_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_operator(config: dict[str, Any], device: str = "cpu") -> Operator:
+    """Build an operator from ``{"name", "model", "params"}`` (extra keys are ignored)."""
+    name = config.get("name")
+    if name not in _REGISTRY:
+        raise UnknownOperatorError(f"unknown operator {name!r}; known: {', '.join(operator_names())}")
+    module_name, factory_name = _REGISTRY[name].split(":")
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    return factory(model=config.get("model"), params=dict(config.get("params") or {}), device=device)

@@ -1,0 +1,200 @@
+"""The run configuration: a strict pydantic schema of the YAML file (DESIGN §4).
+
+Strict means an unknown key, a wrong type or an absurd number is an error that names the key and the
+file, so a typo never silently falls back to a default on a cluster that costs money by the hour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the CLI prints it as one line and exits 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _actors(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = [value, value]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError("must be [min, max]")
+    lo, hi = (int(v) for v in value)
+    if lo < 1 or hi < lo or hi > 4096:
+        raise ValueError("must be [min, max] with 1 <= min <= max <= 4096")
+    return lo, hi
+
+
+class OutputConfig(_Strict):
+    path: str
+    samples_per_shard: int = Field(256, ge=1, le=1_000_000)
+    image_format: Literal["png", "jpg", "jpeg", "webp"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    include_inputs: bool = False
+
+
+class ContentConfig(_Strict):
+    prompts: str | None = None
+    images: str | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> ContentConfig:
+        if not self.prompts and not self.images:
+            raise ValueError("content needs at least one of 'prompts' or 'images'")
+        return self
+
+
+class StyleConfig(_Strict):
+    images: str
+
+
+class PairingConfig(_Strict):
+    styles_per_content: int = Field(1, ge=1, le=10_000)
+    seeds_per_pair: int = Field(1, ge=1, le=10_000)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    limit: int | None = Field(None, ge=0)
+
+
+class DecodeConfig(_Strict):
+    """Input decoding: the pixel limit guards against decompression bombs; max_side bounds work per sample."""
+
+    max_side: int = Field(512, ge=8, le=16384)
+    max_pixels: int = Field(64_000_000, ge=64, le=1_000_000_000)
+
+
+class OperatorConfig(_Strict):
+    name: str = "color-transfer"
+    model: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(1, ge=1, le=4096)
+    num_gpus: float = Field(0, ge=0, le=64)
+    num_cpus: float = Field(1, gt=0, le=256)
+    actors: tuple[int, int] = (1, 1)
+
+    _check_actors = field_validator("actors", mode="before")(_actors)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from operators import operator_names
+
+        if value not in operator_names():
+            raise ValueError(f"unknown operator {value!r}; known: {', '.join(operator_names())}")
+        return value
+
+
+class ScoringConfig(_Strict):
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "none"
+    batch_size: int = Field(32, ge=1, le=65536)
+    num_gpus: float = Field(0, ge=0, le=64)
+    num_cpus: float = Field(1, gt=0, le=256)
+    actors: tuple[int, int] = (1, 1)
+
+    _check_actors = field_validator("actors", mode="before")(_actors)
+
+
+class FilterConfig(_Strict):
+    min_content: float | None = Field(None, ge=-1, le=1)
+    min_style: float | None = Field(None, ge=-1, le=1)
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+
+
+class RunConfig(_Strict):
+    output: OutputConfig
+    content: ContentConfig
+    style: StyleConfig
+    pairing: PairingConfig = Field(default_factory=PairingConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    operator: OperatorConfig = Field(default_factory=OperatorConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def operator_hash(self) -> str:
+        """Hash of everything that changes an output image; part of every sample key."""
+        blob = json.dumps(
+            {"op": self.operator.name, "model": self.operator.model, "params": self.operator.params,
+             "decode": self.decode.model_dump()},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``1`` is an int, ``null`` is None)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {dotted}: value is not valid YAML ({exc.__class__.__name__})") from None
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {part!r} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-after"))
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    return f"{where}: {msg}" if where else msg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML config; every problem becomes a one-line ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data, source=str(path))
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _format_error(errors[0])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"{source}: {first}{more}") from None

@@ -1,0 +1,164 @@
+"""Build and execute one run: plan, skip done work, stream the Ray Data stages into the sink, summarise.
+
+Rerunning the same config resumes: keys already in the index are skipped, orphans from a crash are
+removed first, and the counts of this run plus the totals of the dataset go to ``run.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.plan import PlannedSample, build_plan
+from pipeline.sink import OutputStore, ShardDatasink
+
+log = logging.getLogger(__name__)
+
+VERSIONED = ("stylegen", "torch", "ray", "diffusers", "transformers", "open-clip-torch", "webdataset",
+             "pyarrow", "fsspec", "s3fs", "pillow")
+DECODE_BATCH = 16
+
+
+@dataclass
+class RunSummary:
+    planned: int
+    kept: int = 0
+    rejected: int = 0
+    failed: int = 0
+    skipped: int = 0
+    orphans_removed: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"planned={self.planned} kept={self.kept} rejected={self.rejected} "
+                f"failed={self.failed} skipped={self.skipped}")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def init_ray(address: str | None, quiet: bool = False) -> bool:
+    """Connect to ``address`` or start an embedded local Ray; return True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=not quiet)
+    else:
+        # Logical CPUs only bound concurrency: the stylize and score actors each hold one, and the decode
+        # and write tasks need room beside them even on a 2-core laptop.
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=not quiet)
+    return True
+
+
+def _gpu_args(num_gpus: float) -> dict[str, float]:
+    # Ray counts num_gpus=0 as a GPU request (ray#45201): only pass it when a GPU is wanted.
+    return {"num_gpus": num_gpus} if num_gpus > 0 else {}
+
+
+def execute(config: RunConfig, todo: list[PlannedSample], quiet: bool = False) -> None:
+    """Stream ``todo`` through decode -> stylize -> score/filter -> sink on the current Ray cluster."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.stages import Scorer, Stylizer, decode_batch
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.print_on_execution_start = not quiet
+    op, sc = config.operator, config.scoring
+    blocks = max(1, math.ceil(len(todo) / DECODE_BATCH))
+    ds = ray.data.from_items([s.to_row() for s in todo], override_num_blocks=blocks)
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=DECODE_BATCH,
+                        fn_kwargs={"decode": config.decode.model_dump()})
+    ds = ds.map_batches(
+        Stylizer,
+        batch_format="pyarrow",
+        batch_size=op.batch_size,
+        compute=ActorPoolStrategy(min_size=op.actors[0], max_size=op.actors[1]),
+        fn_constructor_kwargs={"operator": op.model_dump(), "output": config.output.model_dump()},
+        num_cpus=op.num_cpus,
+        **_gpu_args(op.num_gpus),
+    )
+    ds = ds.map_batches(
+        Scorer,
+        batch_format="pyarrow",
+        batch_size=sc.batch_size,
+        compute=ActorPoolStrategy(min_size=sc.actors[0], max_size=sc.actors[1]),
+        fn_constructor_kwargs={"scoring": sc.model_dump(), "filter": config.filter.model_dump(),
+                               "include_inputs": config.output.include_inputs},
+        num_cpus=sc.num_cpus,
+        **_gpu_args(sc.num_gpus),
+    )
+    ds.write_datasink(ShardDatasink(config.output.model_dump()))
+
+
+def run(config: RunConfig, *, address: str | None = None, quiet: bool = False) -> RunSummary:
+    """Run (or resume) the configured job and return its summary; ``run.json`` records it."""
+    started = time.time()
+    plan = build_plan(config)
+    store = OutputStore(config.output.path)
+    orphans = store.prepare()
+    done = store.done_keys()
+    todo = [s for s in plan if s.key not in done]
+    summary = RunSummary(planned=len(plan), skipped=len(plan) - len(todo), orphans_removed=orphans)
+    summary.timings["plan_s"] = round(time.time() - started, 3)
+    if todo:
+        started_ray = init_ray(address or config.ray.address, quiet=quiet)
+        try:
+            t0 = time.time()
+            execute(config, todo, quiet=quiet)
+            summary.timings["execute_s"] = round(time.time() - t0, 3)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    index = store.read_index(["key", "status"])
+    status = dict(zip(index.column("key").to_pylist(), index.column("status").to_pylist(), strict=True))
+    todo_keys = [s.key for s in todo]
+    missing = [k for k in todo_keys if k not in status]
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned samples have no index row after the run (e.g. {missing[0]})")
+    for key in todo_keys:
+        setattr(summary, status[key], getattr(summary, status[key]) + 1)
+    summary.timings["total_s"] = round(time.time() - started, 3)
+    store.write_json("run.json", run_record(config, summary, status, plan))
+    return summary
+
+
+def run_record(config: RunConfig, summary: RunSummary, status: dict[str, str],
+               plan: list[PlannedSample]) -> dict[str, Any]:
+    from operators.clip_score import resolve_clip
+
+    planned_keys = {s.key for s in plan}
+    totals = {"kept": 0, "rejected": 0, "failed": 0}
+    for key, st in status.items():
+        if key in planned_keys:
+            totals[st] = totals.get(st, 0) + 1
+    _, _, meaningful = resolve_clip(config.scoring.clip_model, config.scoring.clip_pretrained)
+    return {
+        "config": config.model_dump(mode="json"),
+        "operator_hash": config.operator_hash(),
+        "versions": package_versions(),
+        "this_run": asdict(summary),
+        "dataset": {"planned": len(plan), **totals, "complete": sum(totals.values()) == len(plan)},
+        "scores_meaningful": meaningful,
+        "scores_note": None if meaningful else
+        "CLIP weights are random (clip_pretrained: none or a tiny model): scores are meaningless",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,238 @@
+"""The output directory and its commit protocol (DESIGN §5).
+
+``OUTPUT/shards/<name>.tar`` and ``OUTPUT/index/<name>.parquet`` are written as a pair whose name is
+``sha1(sorted keys)[:16]``: a retried write of the same rows rewrites the same pair, different rows can
+never collide. The tar goes first and the index last; the index is the commit marker, so a tar without
+its index is an orphan from a crash and is deleted at start-up. Locally each file is staged in
+``OUTPUT/_tmp``, fsynced and renamed into place; on S3 a file is uploaded whole (one PUT or a completed
+multipart upload), which is never visible half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+
+from pipeline.config import OutputConfig
+from pipeline.fs import get_fs, is_remote
+
+log = logging.getLogger(__name__)
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("shard", pa.string()),
+        ("prompt", pa.string()),
+        ("content_id", pa.string()),
+        ("style_id", pa.string()),
+        ("seed", pa.int64()),
+        ("clip_content", pa.float64()),
+        ("clip_style", pa.float64()),
+        ("meta", pa.string()),
+    ]
+)
+
+TAR_MTIME = 0  # fixed member times: the same samples always give the same tar bytes
+
+
+class OutputStore:
+    """Paths, recovery and atomic commits for one output location (local path or URL)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.remote = is_remote(url)
+        self.fs, self.root = get_fs(url)
+        self.shards = f"{self.root}/shards"
+        self.index = f"{self.root}/index"
+        self.tmp = None if self.remote else f"{self.root}/_tmp"
+
+    # ---- start-up ---------------------------------------------------------------------------------
+    def prepare(self) -> int:
+        """Create the layout and delete orphans (a tar whose index never landed); return how many."""
+        if not self.remote:
+            for d in (self.shards, self.index, self.tmp):
+                os.makedirs(d, exist_ok=True)
+            for name in os.listdir(self.tmp):
+                os.remove(os.path.join(self.tmp, name))
+        self.fs.invalidate_cache()
+        indexed = {self._stem(p) for p in self._list(self.index, ".parquet")}
+        orphans = [p for p in self._list(self.shards, ".tar") if self._stem(p) not in indexed]
+        for path in orphans:
+            log.warning("removing orphan shard without index (crash before commit): %s", path)
+            self.fs.rm_file(path)
+        return len(orphans)
+
+    def _list(self, directory: str, suffix: str) -> list[str]:
+        try:
+            return sorted(p for p in self.fs.ls(directory, detail=False) if p.endswith(suffix))
+        except FileNotFoundError:
+            return []
+
+    @staticmethod
+    def _stem(path: str) -> str:
+        return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+    def index_files(self) -> list[str]:
+        self.fs.invalidate_cache()
+        return self._list(self.index, ".parquet")
+
+    def shard_files(self) -> list[str]:
+        self.fs.invalidate_cache()
+        return self._list(self.shards, ".tar")
+
+    def read_index(self, columns: list[str] | None = None) -> pa.Table:
+        tables = []
+        for path in self.index_files():
+            with self.fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        if not tables:
+            schema = INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
+            return schema.empty_table()
+        return pa.concat_tables(tables)
+
+    def done_keys(self) -> set[str]:
+        return set(self.read_index(["key"]).column("key").to_pylist())
+
+    # ---- commits ----------------------------------------------------------------------------------
+    def _publish(self, local_tmp: str, final: str) -> None:
+        if self.remote:
+            try:
+                self.fs.put_file(local_tmp, final)
+            finally:
+                os.remove(local_tmp)
+        else:
+            with open(local_tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(local_tmp, final)
+            _fsync_dir(os.path.dirname(final))
+
+    def _stage(self, suffix: str) -> str:
+        directory = self.tmp if not self.remote else tempfile.gettempdir()
+        return os.path.join(directory, f"{uuid.uuid4().hex}{suffix}")
+
+    def commit(self, name: str, samples: list[dict[str, bytes | str]], index: pa.Table) -> None:
+        """Write the shard (if any sample is kept) and then its index, each atomically."""
+        if samples:
+            tmp = self._stage(".tar")
+            with open(tmp, "wb") as f:
+                write_tar(f, samples)
+            self._publish(tmp, f"{self.shards}/{name}.tar")
+        tmp = self._stage(".parquet")
+        pq.write_table(index, tmp)
+        self._publish(tmp, f"{self.index}/{name}.parquet")
+
+    def write_json(self, name: str, obj: Any) -> None:
+        tmp = self._stage(".json")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        self._publish(tmp, f"{self.root}/{name}")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_tar(fileobj: io.IOBase, samples: list[dict[str, bytes | str]]) -> None:
+    """WebDataset tar with samples sorted by key and members sorted by extension, fixed metadata."""
+    with wds.TarWriter(fileobj, encoder=False, mtime=TAR_MTIME, user="stylegen", group="stylegen") as tw:
+        for sample in sorted(samples, key=lambda s: s["__key__"]):
+            tw.write(sample)
+
+
+def shard_name(keys: Iterable[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def to_sample(row: dict[str, Any], output: OutputConfig) -> dict[str, bytes | str]:
+    """The tar members of a kept row: image, json metadata, prompt and optionally the inputs."""
+    ext = "jpg" if output.image_format == "jpeg" else output.image_format
+    meta = {
+        "key": row["key"],
+        "prompt": row["prompt"],
+        "content_id": row["content_id"],
+        "style_id": row["style_id"],
+        "seed": row["seed"],
+        "clip_content": row["clip_content"],
+        "clip_style": row["clip_style"],
+        "operator": json.loads(row["meta"]) if row.get("meta") else None,
+    }
+    sample: dict[str, bytes | str] = {
+        "__key__": row["key"],
+        ext: row["image"],
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+        "txt": (row["prompt"] or "").encode("utf-8"),
+    }
+    if output.include_inputs:
+        if row.get("style_bytes"):
+            sample["style.png"] = row["style_bytes"]
+        if row.get("content_bytes"):
+            sample["content.png"] = row["content_bytes"]
+    return sample
+
+
+def index_rows(rows: list[dict[str, Any]], shard: str | None) -> pa.Table:
+    out = []
+    for row in rows:
+        record = {name: row.get(name) for name in INDEX_SCHEMA.names}
+        record["shard"] = shard if row["status"] == "kept" else None
+        out.append(record)
+    return pa.Table.from_pylist(out, schema=INDEX_SCHEMA)
+
+
+def commit_rows(store: OutputStore, rows: list[dict[str, Any]], output: OutputConfig) -> dict[str, int]:
+    """Split rows (in key order) into even shards of ``samples_per_shard`` to ``2*samples_per_shard - 1``
+    rows (fewer only when fewer rows are left) and commit each."""
+    rows = sorted(rows, key=lambda r: r["key"])
+    counts = {"kept": 0, "rejected": 0, "failed": 0, "shards": 0}
+    n_chunks = max(1, len(rows) // output.samples_per_shard)
+    bounds = [round(i * len(rows) / n_chunks) for i in range(n_chunks + 1)]
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        chunk = rows[lo:hi]
+        name = shard_name(r["key"] for r in chunk)
+        kept = [r for r in chunk if r["status"] == "kept"]
+        store.commit(name, [to_sample(r, output) for r in kept], index_rows(chunk, f"{name}.tar" if kept else None))
+        for r in chunk:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        counts["shards"] += 1 if kept else 0
+    return counts
+
+
+class ShardDatasink(Datasink):
+    """Ray Data sink that writes full-sized shards with :func:`commit_rows`."""
+
+    def __init__(self, output: dict[str, Any]):
+        self.output = OutputConfig.model_validate(output)
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.output.samples_per_shard
+
+    def write(self, blocks: Iterable[Block], ctx) -> dict[str, int]:
+        rows: list[dict[str, Any]] = []
+        for block in blocks:
+            rows.extend(BlockAccessor.for_block(block).to_arrow().to_pylist())
+        if not rows:
+            return {}
+        return commit_rows(OutputStore(self.output.path), rows, self.output)

@@ -1,0 +1,225 @@
+"""Ray Data stages: decode (CPU tasks), stylize and score (actor pools), filter.
+
+Every stage takes and returns pyarrow tables with one fixed schema (``ROW_SCHEMA``), so blocks stay
+type-stable whatever mix of kept and failed rows they hold. A row carries ``status``: empty while in
+flight, ``failed`` as soon as a stage gives up on it (later stages pass it through untouched), and
+``kept``/``rejected`` after the filter. Images travel as encoded bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import DecodeConfig, FilterConfig, OutputConfig
+from pipeline.fs import read_range
+from pipeline.images import DecodeError, decode_image, encode_image, encode_transport, open_rgb
+
+log = logging.getLogger(__name__)
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("prompt", pa.string()),
+        ("content_id", pa.string()),
+        ("style_id", pa.string()),
+        ("seed", pa.int64()),
+        ("content_url", pa.string()),
+        ("content_offset", pa.int64()),
+        ("content_size", pa.int64()),
+        ("style_url", pa.string()),
+        ("style_offset", pa.int64()),
+        ("style_size", pa.int64()),
+        ("error", pa.string()),
+        ("content_bytes", pa.binary()),
+        ("style_bytes", pa.binary()),
+        ("image", pa.binary()),
+        ("meta", pa.string()),
+        ("clip_content", pa.float64()),
+        ("clip_style", pa.float64()),
+        ("worker", pa.string()),
+    ]
+)
+
+FAILED = "failed"
+KEPT = "kept"
+REJECTED = "rejected"
+
+
+def to_rows(batch: pa.Table) -> list[dict[str, Any]]:
+    return batch.to_pylist()
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def _fail(row: dict[str, Any], reason: str) -> None:
+    row["status"] = FAILED
+    row["reason"] = reason[:2000]
+    row["image"] = None
+
+
+def _pending(row: dict[str, Any]) -> bool:
+    return not row.get("status")
+
+
+def _fetch_decode(url: str | None, offset: int, size: int, cfg: DecodeConfig) -> bytes:
+    try:
+        data = read_range(url, offset, size)
+    except FileNotFoundError:
+        raise DecodeError(f"not found: {url}") from None
+    except (OSError, ValueError) as exc:
+        raise DecodeError(f"cannot read {url}: {exc.__class__.__name__}: {exc}") from None
+    return encode_transport(decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side))
+
+
+def decode_batch(batch: pa.Table, decode: dict[str, Any]) -> pa.Table:
+    """Fetch and decode content/style bytes; a bad input fails its own row only."""
+    cfg = DecodeConfig.model_validate(decode)
+    rows = to_rows(batch)
+    for row in rows:
+        if row.get("error"):
+            _fail(row, row["error"])
+            continue
+        for side in ("content", "style"):
+            url = row[f"{side}_url"]
+            if not url:
+                continue
+            try:
+                row[f"{side}_bytes"] = _fetch_decode(url, row[f"{side}_offset"], row[f"{side}_size"], cfg)
+            except DecodeError as exc:
+                _fail(row, f"{side}: {exc}")
+                break
+    return to_table(rows)
+
+
+def _worker_info(device: str) -> str:
+    """Ray node id and assigned GPU ids of this actor, as JSON (null GPU on CPU)."""
+    node = gpu = None
+    try:
+        import ray
+
+        rctx = ray.get_runtime_context()
+        node = rctx.get_node_id()
+        gpus = rctx.get_accelerator_ids().get("GPU") or []
+        gpu = ",".join(str(g) for g in gpus) if gpus and device.startswith("cuda") else None
+    except Exception:  # outside Ray (bare loops, notebooks) there is no runtime context
+        pass
+    return json.dumps({"node": node, "gpu": gpu, "pid": os.getpid()})
+
+
+def pick_device(num_gpus: float) -> str:
+    """The GPU Ray assigned (Ray narrows CUDA_VISIBLE_DEVICES, so it is always cuda:0 here), else CPU."""
+    import torch
+
+    return "cuda:0" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class Stylizer:
+    """Actor: loads the operator once, stylizes batches, isolates per-sample failures."""
+
+    def __init__(self, operator: dict[str, Any], output: dict[str, Any]):
+        from operators import build_operator
+
+        self.device = pick_device(float(operator.get("num_gpus") or 0))
+        self.op = build_operator(operator, device=self.device)
+        self.output = OutputConfig.model_validate(output)
+        self.worker = _worker_info(self.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = to_rows(batch)
+        todo = [r for r in rows if _pending(r)]
+        if todo:
+            self._stylize(todo)
+        for row in rows:
+            row["content_bytes"] = row["content_bytes"] if self.output.include_inputs else None
+        return to_table(rows)
+
+    def _items(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "key": r["key"],
+                "prompt": r["prompt"],
+                "style": open_rgb(r["style_bytes"]),
+                "content": open_rgb(r["content_bytes"]) if r["content_bytes"] else None,
+                "seed": int(r["seed"]),
+            }
+            for r in rows
+        ]
+
+    def _stylize(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            results = self.op(self._items(rows))
+        except Exception as exc:  # one bad sample must not fail its batch-mates: retry one by one
+            if len(rows) == 1:
+                _fail(rows[0], f"operator error: {exc.__class__.__name__}: {exc}")
+                return
+            log.warning("operator failed on a batch of %d (%s); retrying per sample", len(rows), exc)
+            for row in rows:
+                self._stylize([row])
+            return
+        for row, result in zip(rows, results, strict=True):
+            self._accept(row, result)
+
+    def _accept(self, row: dict[str, Any], result: dict[str, Any]) -> None:
+        if result.get("error"):
+            _fail(row, f"operator: {result['error']}")
+            return
+        image = result["image"]
+        meta = dict(result.get("meta") or {})
+        meta["worker"] = json.loads(self.worker)
+        row["image"] = encode_image(image, self.output.image_format, self.output.jpeg_quality)
+        row["meta"] = json.dumps(meta, sort_keys=True, default=str)
+        row["worker"] = self.worker
+
+
+class Scorer:
+    """Actor: CLIP content and style scores, then the filter thresholds."""
+
+    def __init__(self, scoring: dict[str, Any], filter: dict[str, Any], include_inputs: bool = False):
+        from operators.clip_score import ClipScorer
+
+        self.include_inputs = include_inputs
+        self.device = pick_device(float(scoring.get("num_gpus") or 0))
+        self.scorer = ClipScorer(scoring["clip_model"], scoring["clip_pretrained"], device=self.device)
+        self.filter = FilterConfig.model_validate(filter)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = to_rows(batch)
+        todo = [r for r in rows if _pending(r)]
+        if todo:
+            outputs = [open_rgb(r["image"]) for r in todo]
+            styles = [(r["style_id"], open_rgb(r["style_bytes"])) for r in todo]
+            content, style = self.scorer.score(outputs, [r["prompt"] for r in todo], styles)
+            for row, c, s in zip(todo, content, style, strict=True):
+                row["clip_content"], row["clip_style"] = c, s
+                apply_filter(row, self.filter)
+        for row in rows:
+            if not row.get("status"):
+                row["status"] = KEPT
+            if not self.include_inputs:  # inputs are not written: do not carry them to the sink
+                row["style_bytes"] = row["content_bytes"] = None
+        return to_table(rows)
+
+
+def apply_filter(row: dict[str, Any], cfg: FilterConfig) -> None:
+    """Mark a scored row ``rejected`` with the reason when it misses a threshold, else ``kept``."""
+    reasons = []
+    c, s = row.get("clip_content"), row.get("clip_style")
+    if cfg.min_content is not None and c is not None and c < cfg.min_content:
+        reasons.append(f"clip_content {c:.4f} < min_content {cfg.min_content}")
+    if cfg.min_style is not None and s is not None and s < cfg.min_style:
+        reasons.append(f"clip_style {s:.4f} < min_style {cfg.min_style}")
+    for name, value in (("clip_content", c), ("clip_style", s)):
+        if value is not None and not math.isfinite(value):
+            reasons.append(f"{name} is not finite")
+    row["status"] = REJECTED if reasons else KEPT
+    row["reason"] = "; ".join(reasons) or None
