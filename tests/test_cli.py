@@ -1,0 +1,98 @@
+"""The CLI contract (DESIGN §3): exit codes, one-line errors, the summary line, tiny models."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STYLEGEN = [sys.executable, "-m", "jobs.cli"]
+SUMMARY = re.compile(r"^planned=(\d+) kept=(\d+) rejected=(\d+) failed=(\d+) skipped=(\d+)$")
+
+
+def stylegen(*args, env=None, timeout=300):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*STYLEGEN, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_config(path: Path, **overrides) -> Path:
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        ({"operator": {"batchsize": 3}}, ["operator.batchsize", "unknown key"]),
+        ({"operator": {"batch_size": "many"}}, ["operator.batch_size"]),
+        ({"operator": {"name": "no-such-op"}}, ["operator.name", "no-such-op"]),
+        ({"scoring": {"actors": [3, 1]}}, ["scoring.actors"]),
+        ({"output": {"samples_per_shard": -5}}, ["output.samples_per_shard"]),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path, overrides, needles):
+    cfg = write_config(tmp_path / "bad.yaml", **overrides)
+    for command in ("validate", "run"):
+        assert_one_line_error(stylegen(command, str(cfg)), str(cfg), *needles)
+
+
+def test_missing_source_and_bad_override(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", style={"images": str(tmp_path / "nowhere")})
+    assert_one_line_error(stylegen("run", str(cfg)), "style.images", "nowhere")
+    assert_one_line_error(stylegen("validate", str(REPO / "configs/demo.yaml"), "--set", "pairing"), "--set")
+    assert_one_line_error(stylegen("validate", str(tmp_path / "missing.yaml")), "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("output: [unclosed\n")
+    assert_one_line_error(stylegen("validate", str(tmp_path / "broken.yaml")), "invalid YAML")
+
+
+def test_validate_reports_plan_size():
+    proc = stylegen("validate", "configs/demo.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "planned=12" in proc.stdout
+
+
+@pytest.mark.slow
+def test_run_prints_summary_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = ["run", "configs/demo.yaml", "--set", f"output.path={out}", "--set", "scoring.clip_model=tiny:clip",
+            "--set", "pairing.limit=5", "--quiet"]
+    first = stylegen(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    match = SUMMARY.match(first.stdout.strip().splitlines()[-1])
+    assert match, first.stdout
+    planned, kept, rejected, failed, skipped = map(int, match.groups())
+    assert (planned, skipped) == (5, 0) and kept > 0 and kept + rejected + failed == 5
+    second = stylegen(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.strip().splitlines()[-1] == "planned=5 kept=0 rejected=0 failed=0 skipped=5"
+
+
+def test_models_tiny_clip_writes_loadable_model(tmp_path):
+    proc = stylegen("models", "tiny", "clip", str(tmp_path / "clip"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "clip" / "open_clip_model.safetensors").is_file()
+    from operators.clip_score import ClipScorer
+
+    scorer = ClipScorer(str(tmp_path / "clip"), "none")
+    assert scorer.embed_texts(["a fox"]).shape == (1, 64)
+    assert_one_line_error(stylegen("models", "tiny", "nope", str(tmp_path / "x")), "nope")
