@@ -40,6 +40,8 @@ class OutputConfig(_Strict):
     image_format: Literal["png", "jpg", "jpeg", "webp"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
     include_inputs: bool = False
+    # fsync each staged file before the rename: survives power loss, not just a killed process.
+    fsync: bool = True
 
 
 class ContentConfig(_Strict):

@@ -53,8 +53,9 @@ TAR_MTIME = 0  # fixed member times: the same samples always give the same tar b
 class OutputStore:
     """Paths, recovery and atomic commits for one output location (local path or URL)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, fsync: bool = True):
         self.url = url
+        self.fsync = fsync
         self.remote = is_remote(url)
         self.fs, self.root = get_fs(url)
         self.shards = f"{self.root}/shards"
@@ -116,10 +117,12 @@ class OutputStore:
             finally:
                 os.remove(local_tmp)
         else:
-            with open(local_tmp, "rb") as f:
-                os.fsync(f.fileno())
+            if self.fsync:
+                with open(local_tmp, "rb") as f:
+                    os.fsync(f.fileno())
             os.replace(local_tmp, final)
-            _fsync_dir(os.path.dirname(final))
+            if self.fsync:
+                _fsync_dir(os.path.dirname(final))
 
     def _stage(self, suffix: str) -> str:
         directory = self.tmp if not self.remote else tempfile.gettempdir()
@@ -235,4 +238,4 @@ class ShardDatasink(Datasink):
             rows.extend(BlockAccessor.for_block(block).to_arrow().to_pylist())
         if not rows:
             return {}
-        return commit_rows(OutputStore(self.output.path), rows, self.output)
+        return commit_rows(OutputStore(self.output.path, fsync=self.output.fsync), rows, self.output)
