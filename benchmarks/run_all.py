@@ -27,6 +27,16 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
+def update_readme(table: str) -> None:
+    """Replace the table between the bench-table markers in README.md."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench-table -->\n", "<!-- /bench-table -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + table + rest[rest.index(end):])
+
+
 def main(selected: list[str]) -> int:
     scripts = sorted(HERE.glob("bench_*.py"))
     if selected:
@@ -55,6 +65,8 @@ def main(selected: list[str]) -> int:
                      f"{'yes' if r['ok'] else 'no'} | {figures} |")
     table = "\n".join(lines) + "\n"
     (HERE / "results.md").write_text(table)
+    if not selected:
+        update_readme(table)
     print(table)
     if failures:
         print("benchmarks that failed to report:", ", ".join(failures))
