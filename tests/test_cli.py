@@ -72,19 +72,34 @@ def test_validate_reports_plan_size():
 
 
 @pytest.mark.slow
-def test_run_prints_summary_and_resumes(tmp_path):
-    out = tmp_path / "out"
-    args = ["run", "configs/demo.yaml", "--set", f"output.path={out}", "--set", "scoring.clip_model=tiny:clip",
-            "--set", "pairing.limit=5", "--quiet"]
+def test_demo_runs_reads_back_and_resumes(tmp_path, ray_local):
+    """The demo config exactly as `make demo` runs it, only with the output moved to a temp dir."""
+    import webdataset as wds
+
+    from pipeline.config import load_config
+    from pipeline.plan import build_plan
+    from tests.invariants import check_invariants
+
+    out = tmp_path / "demo"
+    args = ["run", "configs/demo.yaml", "--set", f"output.path={out}", "--quiet"]
     first = stylegen(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     match = SUMMARY.match(first.stdout.strip().splitlines()[-1])
     assert match, first.stdout
     planned, kept, rejected, failed, skipped = map(int, match.groups())
-    assert (planned, skipped) == (5, 0) and kept > 0 and kept + rejected + failed == 5
+    assert (planned, skipped) == (12, 0) and kept > 0 and kept + rejected + failed == 12
+
+    plan = build_plan(load_config(REPO / "configs/demo.yaml", [f"output.path={out}"]))
+    rows = check_invariants(str(out), {p.key for p in plan})  # includes a tarfile read of every shard
+    kept_keys = sorted(r["key"] for r in rows if r["status"] == "kept")
+    assert len(kept_keys) == kept
+    tars = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    assert sorted(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)) == kept_keys
+    assert sorted(r["__key__"] for r in ray_local.data.read_webdataset(tars, decoder=None).take_all()) == kept_keys
+
     second = stylegen(*args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.strip().splitlines()[-1] == "planned=5 kept=0 rejected=0 failed=0 skipped=5"
+    assert second.stdout.strip().splitlines()[-1] == "planned=12 kept=0 rejected=0 failed=0 skipped=12"
 
 
 def test_models_tiny_clip_writes_loadable_model(tmp_path):
