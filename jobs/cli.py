@@ -37,14 +37,14 @@ def _load(config: Path, overrides: list[str] | None):
         _fail(str(exc))
 
 
-def _check_sources(cfg) -> int:
+def _check_sources(config: Path, cfg) -> int:
     from pipeline.plan import build_plan
     from pipeline.sources import SourceError
 
     try:
         return len(build_plan(cfg))
     except SourceError as exc:
-        _fail(str(exc))
+        _fail(f"{config}: {exc}")
     return 0
 
 
@@ -52,7 +52,7 @@ def _check_sources(cfg) -> int:
 def validate(config: Path, set_: SetOpt = None) -> None:
     """Check a config and its sources without running anything."""
     cfg = _load(config, set_)
-    planned = _check_sources(cfg)
+    planned = _check_sources(config, cfg)
     typer.echo(f"ok: {config} is valid; planned={planned}")
 
 
@@ -76,7 +76,7 @@ def run(
     except SourceError as exc:
         if debug:
             raise
-        _fail(str(exc))
+        _fail(f"{config}: {exc}")
     typer.echo(summary.line())
 
 

@@ -58,7 +58,8 @@ def test_bad_config_exits_2_with_one_line(tmp_path, overrides, needles):
 
 def test_missing_source_and_bad_override(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", style={"images": str(tmp_path / "nowhere")})
-    assert_one_line_error(stylegen("run", str(cfg)), "style.images", "nowhere")
+    assert_one_line_error(stylegen("run", str(cfg)), str(cfg), "style.images", "nowhere")
+    assert_one_line_error(stylegen("validate", str(cfg)), str(cfg), "style.images", "nowhere")
     assert_one_line_error(stylegen("validate", str(REPO / "configs/demo.yaml"), "--set", "pairing"), "--set")
     assert_one_line_error(stylegen("validate", str(tmp_path / "missing.yaml")), "missing.yaml")
     (tmp_path / "broken.yaml").write_text("output: [unclosed\n")
