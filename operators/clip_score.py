@@ -102,20 +102,22 @@ class ClipScorer:
 
     def style_embeddings(self, styles: list[tuple[str, Image.Image]]) -> torch.Tensor:
         """Embeddings for ``(style_id, image)`` pairs, computing only the ones not cached."""
+        found: dict[str, torch.Tensor] = {}
         missing: dict[str, Image.Image] = {}
         for sid, im in styles:
-            if sid not in self._style_cache and sid not in missing:
+            if sid in found or sid in missing:
+                continue
+            if sid in self._style_cache:
+                self._style_cache.move_to_end(sid)
+                found[sid] = self._style_cache[sid]
+            else:
                 missing[sid] = im
         if missing:
             for sid, emb in zip(missing, self.embed_images(list(missing.values())), strict=True):
-                self._style_cache[sid] = emb
-                while len(self._style_cache) > self._style_cache_size:
-                    self._style_cache.popitem(last=False)
-        out = []
-        for sid, _ in styles:
-            self._style_cache.move_to_end(sid)
-            out.append(self._style_cache[sid])
-        return torch.stack(out)
+                found[sid] = self._style_cache[sid] = emb
+            while len(self._style_cache) > self._style_cache_size:
+                self._style_cache.popitem(last=False)
+        return torch.stack([found[sid] for sid, _ in styles])
 
     def score(
         self,

@@ -17,7 +17,18 @@ _TO_RGB = ImageCms.buildTransformFromOpenProfiles(_LAB, _SRGB, "LAB", "RGB")
 
 
 def _lab(im: Image.Image) -> np.ndarray:
-    return np.asarray(ImageCms.applyTransform(im.convert("RGB"), _TO_LAB), dtype=np.float32)
+    """L in 0..255 and signed a*, b*: Pillow stores a* and b* of 8-bit LAB as signed bytes."""
+    raw = np.asarray(ImageCms.applyTransform(im.convert("RGB"), _TO_LAB))
+    lab = raw.astype(np.float32)
+    lab[..., 1:] = raw[..., 1:].view(np.int8)
+    return lab
+
+
+def _from_lab(lab: np.ndarray) -> Image.Image:
+    out = np.empty(lab.shape, dtype=np.uint8)
+    out[..., 0] = np.clip(lab[..., 0] + 0.5, 0, 255).astype(np.uint8)
+    out[..., 1:] = np.clip(np.round(lab[..., 1:]), -128, 127).astype(np.int8).view(np.uint8)
+    return ImageCms.applyTransform(Image.fromarray(out, "LAB"), _TO_RGB)
 
 
 def transfer_statistics(content: Image.Image, style: Image.Image, strength: float = 1.0) -> Image.Image:
@@ -27,9 +38,7 @@ def transfer_statistics(content: Image.Image, style: Image.Image, strength: floa
     c_mean, c_std = c.reshape(-1, 3).mean(0), c.reshape(-1, 3).std(0)
     s_mean, s_std = s.reshape(-1, 3).mean(0), s.reshape(-1, 3).std(0)
     out = (c - c_mean) * (s_std / np.maximum(c_std, 1e-3)) + s_mean
-    out = c + strength * (out - c)
-    lab = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "LAB")
-    return ImageCms.applyTransform(lab, _TO_RGB)
+    return _from_lab(c + strength * (out - c))
 
 
 class ColorTransfer:

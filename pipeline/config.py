@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is not a batch size and "4" is not a number; YAML and --set already give real types.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 def _actors(value: Any) -> tuple[int, int]:
@@ -28,7 +29,9 @@ def _actors(value: Any) -> tuple[int, int]:
         value = [value, value]
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ValueError("must be [min, max]")
-    lo, hi = (int(v) for v in value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError("must be [min, max] with whole numbers")
+    lo, hi = value
     if lo < 1 or hi < lo or hi > 4096:
         raise ValueError("must be [min, max] with 1 <= min <= max <= 4096")
     return lo, hi

@@ -16,6 +16,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Alpha is composited over this colour (documented in the README).
 BACKGROUND = (255, 255, 255)
 
+# decode_image checks the configured max_pixels from the header before any pixel is allocated; Pillow's own
+# process-wide limit would otherwise override a larger configured one.
+Image.MAX_IMAGE_PIXELS = None
+
 
 class DecodeError(ValueError):
     """An input that is not a usable image; the sample becomes a `failed` row with this message."""

@@ -78,6 +78,8 @@ def pair(
     limit: int | None = None,
 ) -> list[PlannedSample]:
     plan: list[PlannedSample] = []
+    if limit == 0:
+        return plan
     seen: set[str] = set()
     for content in contents:
         for s_index in choose_styles(content.id, len(styles), styles_per_content, seed):

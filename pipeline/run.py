@@ -61,7 +61,10 @@ def init_ray(address: str | None, quiet: bool = False) -> bool:
     else:
         # Logical CPUs only bound concurrency: the stylize and score actors each hold one, and the decode
         # and write tasks need room beside them even on a 2-core laptop.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=not quiet)
+        # address="local" always starts a private instance, never attaches to a `ray start` cluster that
+        # happens to run on this machine.
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=not quiet)
     return True
 
 

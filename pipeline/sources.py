@@ -104,7 +104,7 @@ def read_prompts(spec: str, key: str = "content.prompts") -> list[SourceItem]:
             text = fs.cat_file(path).decode("utf-8")
         except UnicodeDecodeError:
             raise SourceError(f"{key}: {url} is not UTF-8 text") from None
-        base = posixpath.basename(path)
+        base = _relative_id(url, _id_root(get_fs(spec)[1]))
         for lineno, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 items.append(SourceItem(id=f"{base}:{lineno}", prompt=line.strip()))
@@ -124,16 +124,14 @@ def read_images(spec: str, key: str) -> list[SourceItem]:
     if not urls:
         raise SourceError(f"{key}: no files match {spec}")
     items: list[SourceItem] = []
-    root = _glob_root(path) if _is_glob(path) else None
+    root = _id_root(path)
     for url in urls:
         if url.endswith(TAR_EXTS):
-            items.extend(_read_tar(url, key))
+            items.extend(_read_tar(url, key, _relative_id(url, root)))
         elif url.endswith(MANIFEST_EXTS):
             items.extend(i for i in _read_manifest(url, key) if i.image is not None)
         elif _ext(url) in IMAGE_EXTS:
-            ufs, upath = get_fs(url)
-            ident = posixpath.relpath(upath, root) if root else posixpath.basename(upath)
-            items.append(SourceItem(id=ident, image=ImageRef(url)))
+            items.append(SourceItem(id=_relative_id(url, root), image=ImageRef(url)))
         else:
             raise SourceError(f"{key}: unsupported source file {url} (expected images, .tar, .parquet, .jsonl)")
     if not items:
@@ -141,14 +139,16 @@ def read_images(spec: str, key: str) -> list[SourceItem]:
     return _dedupe(items)
 
 
-def _glob_root(path: str) -> str:
-    parts = path.split("/")
-    fixed = []
-    for part in parts:
-        if _is_glob(part):
-            break
-        fixed.append(part)
-    return "/".join(fixed) or "/"
+def _id_root(path: str) -> str:
+    """The folder that ids are relative to: everything before the first brace or glob character's
+    path component, so two matches never share an id and no id climbs out with ``..``."""
+    cut = min((i for i in (path.find(ch) for ch in "{*?[") if i >= 0), default=len(path))
+    return posixpath.dirname(path[:cut]) if cut < len(path) else posixpath.dirname(path)
+
+
+def _relative_id(url: str, root: str) -> str:
+    _, path = get_fs(url)
+    return posixpath.relpath(path, root) if root else posixpath.basename(path)
 
 
 def _read_folder(fs, path: str, key: str) -> list[SourceItem]:
@@ -162,9 +162,11 @@ def _dedupe(items: list[SourceItem]) -> list[SourceItem]:
     seen: set[str] = set()
     out = []
     for item in items:
-        if item.id not in seen:
-            seen.add(item.id)
-            out.append(item)
+        if item.id in seen:
+            log.warning("duplicate source id %r: keeping the first occurrence", item.id)
+            continue
+        seen.add(item.id)
+        out.append(item)
     return out
 
 
@@ -172,12 +174,12 @@ def _dedupe(items: list[SourceItem]) -> list[SourceItem]:
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
-def _read_tar(url: str, key: str) -> list[SourceItem]:
-    """Index a WebDataset tar: image member offsets plus captions (txt/json), read with seeks only."""
+def _read_tar(url: str, key: str, base: str) -> list[SourceItem]:
+    """Index a WebDataset tar: image member offsets plus captions (txt/json), read with seeks only.
+    Sample ids are ``<base>/<sample key>``."""
     fs, path = get_fs(url)
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
     order: list[str] = []
-    base = posixpath.basename(path)
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             try:
@@ -266,7 +268,10 @@ def _read_manifest(url: str, key: str) -> list[SourceItem]:
             if not is_remote(target) and not posixpath.isabs(target):
                 target = posixpath.join(base_dir, target)
             ref = ImageRef(target if is_remote(target) else full_url(fs, target))
-        ident = str(row.get("id") or (row[image_col] if image_col else f"{base}:{index + 1}"))
+        raw_id = row.get("id")
+        if raw_id is None or raw_id == "":
+            raw_id = row[image_col] if image_col else f"{base}:{index + 1}"
+        ident = str(raw_id)
         prompt = str(row[prompt_col]) if prompt_col else None
         items.append(SourceItem(id=ident, image=ref, prompt=prompt))
     return items
