@@ -1,0 +1,161 @@
+"""The Sissi operator end to end on a tiny offline FluxFill (CPU, seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from operators import build_operator
+from operators.sissi import SissiOperator
+from operators.tiny_flux import save_tiny_flux_fill
+
+PANEL = 64
+BASE = {"panel_size": PANEL, "steps": 2, "guidance": 30.0, "max_sequence_length": 64}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny_flux_fill(tmp_path_factory.mktemp("tiny-flux-fill"), seed=0))
+
+
+def _style(seed: int, size=(80, 56), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return image.convert(mode)
+
+
+@pytest.fixture(scope="module")
+def items():
+    return [
+        {"key": "fox", "prompt": "a red fox", "style": _style(1), "content": None, "seed": 0},
+        {"key": "long", "prompt": "a tower " * 400, "style": _style(2, (40, 90), "RGBA"), "content": None, "seed": 7},
+        {"key": "empty", "prompt": "", "style": _style(3, (64, 64), "P"), "content": None, "seed": 123},
+    ]
+
+
+def _op(model_dir: str, **dssi) -> SissiOperator:
+    return SissiOperator(model=model_dir, params={**BASE, "dssi": dssi}, device="cpu")
+
+
+def _arrays(op: SissiOperator, items) -> np.ndarray:
+    canvases = [op._canvas(it["style"]) for it in items]
+    return op.generate([op.prompt_for(it["prompt"]) for it in items], canvases, [it["seed"] for it in items])
+
+
+def test_vanilla_reproduces_off_and_dynamic_differs(model_dir, items):
+    off = _arrays(_op(model_dir, mode="off"), items)
+    vanilla = _arrays(_op(model_dir, mode="vanilla"), items)
+    dynamic = _arrays(_op(model_dir, mode="dynamic"), items)
+    assert off.shape == (3, PANEL, PANEL, 3)
+    assert np.abs(vanilla - off).max() <= 1e-4
+    assert np.abs(dynamic - off).max() > 1e-3
+
+
+def test_batch_of_different_items(model_dir, items):
+    op = build_operator({"name": "sissi", "model": model_dir, "params": {**BASE, "dssi.mode": "dynamic"}})
+    results = op(items)
+    assert [r["key"] for r in results] == [it["key"] for it in items]
+    for result, item in zip(results, items, strict=True):
+        assert result["image"].size == (PANEL, PANEL) and result["image"].mode == "RGB"
+        assert result["meta"]["seed"] == item["seed"]
+    again = op(items)
+    for a, b in zip(results, again, strict=True):
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    # a sample's output does not depend on its neighbours in the batch
+    alone = _arrays(op, items[1:2])[0]
+    assert np.abs(_arrays(op, items)[1] - alone).max() <= 1e-4
+    # the seed matters
+    reseeded = op([{**items[0], "seed": 1}])[0]["image"]
+    assert not np.array_equal(np.asarray(reseeded), np.asarray(results[0]["image"]))
+
+
+def test_bad_sample_fails_alone(model_dir, items):
+    op = _op(model_dir, mode="dynamic")
+    results = op([items[0], {**items[1], "style": None}, items[2]])
+    assert "error" in results[1] and results[1]["key"] == "long"
+    assert all("image" in results[i] for i in (0, 2))
+
+
+def test_meta_records_every_setting(model_dir, items):
+    op = SissiOperator(
+        model=model_dir,
+        params={**BASE, "prompt_template": "diptych", "dssi.mode": "fixed", "dssi": {"lam": 0.25}},
+    )
+    meta = op(items[:1])[0]["meta"]
+    assert meta["operator"] == "sissi" and meta["model"] == model_dir
+    assert meta["panel_size"] == [PANEL, PANEL] and meta["canvas_size"] == [2 * PANEL, PANEL]
+    assert meta["steps"] == 2 and meta["guidance"] == 30.0 and meta["dtype"] == "float32"
+    assert meta["dssi"]["mode"] == "fixed" and meta["dssi"]["lam"] == 0.25
+    assert meta["dssi"]["compose"] == "mass_preserving" and meta["dssi"]["steps"] == [0.0, 1.0]
+    assert meta["prompt_template"] == "diptych" and "a red fox" in meta["prompt"] and "diptych" in meta["prompt"]
+
+
+def test_layer_and_step_gating(model_dir, items):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    off = _op(model_dir, mode="off")
+    assert all(type(p) is FluxAttnProcessor for p in off.pipe.transformer.attn_processors.values())
+
+    op = _op(model_dir, mode="dynamic", layers="double", steps=[0.5, 1.0], record=True)
+    tr = op.pipe.transformer
+    n_double = len(tr.transformer_blocks)
+    assert op.dssi_layers == list(range(n_double))
+    assert all(type(b.attn.processor) is FluxAttnProcessor for b in tr.single_transformer_blocks)
+    assert all(type(b.attn.processor) is not FluxAttnProcessor for b in tr.transformer_blocks)
+    stats = op(items[:2])[0]["meta"]["dssi_stats"]
+    assert stats["steps"] == [1] and stats["calls"] == n_double  # only the second of two steps
+    assert 0.0 <= stats["lambda"] <= 1.0
+    masses = stats["alpha_text"] + stats["alpha_style"] + stats["alpha_self"]
+    assert masses == pytest.approx(1.0, abs=1e-5)
+
+
+def test_transformer_forward_vanilla_matches_stock(model_dir):
+    """The processor itself, in both block types, reproduces the stock processor."""
+    stock = _op(model_dir, mode="off").pipe.transformer
+    dssi = _op(model_dir, mode="vanilla").pipe.transformer
+    tokens = (PANEL // 16) ** 2
+    g = torch.Generator().manual_seed(0)
+    cfg = stock.config
+    img_ids = torch.zeros(2 * tokens, 3)
+    img_ids[:, 1] = torch.arange(2 * tokens) // (2 * PANEL // 16)
+    img_ids[:, 2] = torch.arange(2 * tokens) % (2 * PANEL // 16)
+    kwargs = dict(
+        hidden_states=torch.randn(2, 2 * tokens, cfg.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(2, 64, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([0.7, 0.3]),
+        guidance=torch.tensor([30.0, 30.0]),
+        txt_ids=torch.zeros(64, 3),
+        img_ids=img_ids,
+        return_dict=False,
+    )
+    with torch.inference_mode():
+        torch.testing.assert_close(dssi(**kwargs)[0], stock(**kwargs)[0], rtol=0, atol=1e-4)
+
+
+def test_tiny_model_is_deterministic_and_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    a = save_tiny_flux_fill(tmp_path / "a", seed=5)
+    b = save_tiny_flux_fill(tmp_path / "b", seed=5)
+    c = save_tiny_flux_fill(tmp_path / "c", seed=6)
+    assert not list(a.rglob("*.bin")) and not list(a.rglob("*.pt"))
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert {f.parts[0] for f in files} >= {"transformer", "vae", "text_encoder", "text_encoder_2"}
+    wa, wb, wc = (load_file(root / "transformer" / files[-1].name) for root in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_tiny_spec_resolves_through_cache(tmp_path, monkeypatch, items):
+    monkeypatch.setenv("STYLEGEN_CACHE", str(tmp_path))
+    op = build_operator({"name": "sissi", "model": "tiny:flux-fill", "params": {**BASE, "dssi.mode": "printed"}})
+    result = op(items[:1])[0]
+    assert result["image"].size == (PANEL, PANEL) and result["meta"]["model"] == "tiny:flux-fill"
+
+
+def test_panel_size_must_fit_tokens(model_dir):
+    with pytest.raises(ValueError):
+        SissiOperator(model=model_dir, params={**BASE, "panel_size": 40})
