@@ -20,8 +20,9 @@ from benchmarks.common import median_time, report  # noqa: E402
 from pipeline.config import OutputConfig  # noqa: E402
 from pipeline.images import encode_image  # noqa: E402
 from pipeline.sink import OutputStore, commit_rows, to_sample  # noqa: E402
+from tests.shared_data import samples_dir  # noqa: E402
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
+SAMPLES = samples_dir()
 N, PER_SHARD = 512, 128
 
 

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = (REPO.parent / "shared" / "data" / "samples").resolve()
+from tests.shared_data import samples_dir
 
 
 @pytest.fixture(scope="session")
 def samples() -> Path:
-    if not SAMPLES.is_dir():
-        pytest.fail(f"shared sample data not found at {SAMPLES}")
-    return SAMPLES
+    try:
+        return samples_dir()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,7 +34,7 @@ def ray_local(_isolated_cache):
     """One embedded Ray for the session's in-process pipeline tests."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

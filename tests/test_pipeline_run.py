@@ -83,6 +83,18 @@ def test_folder_sources_run_resume_and_read_back(ray_local, samples, tmp_path):
     check_invariants(str(out), {s.key for s in build_plan(bigger)})
 
 
+def tar_images(out) -> dict[str, bytes]:
+    """Key -> output image bytes of every sample in the shards of ``out``."""
+    images = {}
+    for tar_path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if ext in ("png", "jpg", "webp"):
+                    images[key] = tar.extractfile(member).read()
+    return images
+
+
 def _tar_of(paths, dest, caption=None):
     with tarfile.open(dest, "w") as tar:
         for i, path in enumerate(paths):

@@ -1,4 +1,4 @@
-"""Small helpers shared by the unit tests (no fixtures here: conftest.py belongs to someone else)."""
+"""Small helpers shared by the unit tests: data paths, image builders, a reference Lab conversion."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.shared_data import samples_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = (REPO.parent / "shared" / "data" / "samples").resolve()
+SAMPLES = samples_dir()
 DEMO = REPO / "data" / "demo"
 
 
