@@ -80,6 +80,61 @@ def run(
     typer.echo(summary.line())
 
 
+AddressOpt = Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265")]
+
+
+@app.command()
+def submit(
+    config: Path,
+    address: AddressOpt,
+    set_: SetOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Stream logs; exit non-zero if the job fails")] = False,
+) -> None:
+    """Submit a run to a Ray cluster as a job (idempotent: the same run attaches to its job)."""
+    from jobs import submit as jobs
+    from pipeline.config import ConfigError
+
+    cfg = _load(config, set_)
+    _check_sources(config, cfg)
+    try:
+        job_id, new = jobs.submit(cfg, address)
+    except ConfigError as exc:
+        _fail(f"{config}: {exc}")
+    except (ConnectionError, OSError) as exc:
+        _fail(f"cannot reach Ray at {address}: {exc}")
+    typer.echo(f"{'submitted' if new else 'already submitted'}: {job_id}")
+    if wait:
+        final = jobs.wait(address, job_id)
+        typer.echo(f"job {job_id}: {final}")
+        if final != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: str, address: AddressOpt) -> None:
+    """Show a job's status."""
+    from jobs import submit as jobs
+
+    info = jobs.status(address, job_id)
+    typer.echo(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+
+
+@app.command()
+def logs(job_id: str, address: AddressOpt) -> None:
+    """Print a job's logs."""
+    from jobs import submit as jobs
+
+    typer.echo(jobs.logs(address, job_id), nl=False)
+
+
+@app.command()
+def stop(job_id: str, address: AddressOpt) -> None:
+    """Stop a running job (rerunning the same config later resumes it)."""
+    from jobs import submit as jobs
+
+    typer.echo(f"{job_id}: {'stop requested' if jobs.stop(address, job_id) else 'not running'}")
+
+
 @models_app.command("tiny")
 def models_tiny(
     kind: Annotated[str, typer.Argument(help="flux-fill | sd15 | sdxl | clip")],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +116,9 @@ class FilterConfig(_Strict):
 
 class RayConfig(_Strict):
     address: str | None = None
+    # Start work only when every pool has its minimum actors, so min actors spread over the cluster share
+    # the work from the start; a cluster that cannot provide them fails the run after this many seconds.
+    wait_for_actors_s: int = Field(600, ge=1, le=86_400)
 
 
 class RunConfig(_Strict):
@@ -173,7 +177,16 @@ def _format_error(err: dict[str, Any]) -> str:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a YAML config; every problem becomes a one-line ConfigError."""
+    """Read, override and validate a YAML config; every problem becomes a one-line ConfigError.
+
+    ``env:NAME`` reads the YAML text from the environment variable NAME (how cluster jobs get their config).
+    """
+    if str(path).startswith("env:"):
+        name = str(path)[4:]
+        text = os.environ.get(name)
+        if text is None:
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+        return _parse(text, str(path), overrides)
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -181,6 +194,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
+    return _parse(text, str(path), overrides)
+
+
+def _parse(text: str, path: str, overrides: list[str] | None) -> RunConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 VERSIONED = ("stylegen", "torch", "ray", "diffusers", "transformers", "open-clip-torch", "webdataset",
              "pyarrow", "fsspec", "s3fs", "pillow")
-DECODE_BATCH = 16
+MAX_BLOCKS = 20_000
 
 
 @dataclass
@@ -83,10 +83,13 @@ def execute(config: RunConfig, todo: list[PlannedSample], quiet: bool = False) -
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet
+    ctx.wait_for_min_actors_s = config.ray.wait_for_actors_s
     op, sc = config.operator, config.scoring
-    blocks = max(1, math.ceil(len(todo) / DECODE_BATCH))
+    # One block per operator batch (capped) so that every stylize actor gets work from the start.
+    blocks = min(MAX_BLOCKS, max(1, math.ceil(len(todo) / op.batch_size)))
     ds = ray.data.from_items([s.to_row() for s in todo], override_num_blocks=blocks)
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=DECODE_BATCH,
+    # batch_size=None: decode block by block, keeping one block per operator batch.
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"decode": config.decode.model_dump()})
     ds = ds.map_batches(
         Stylizer,

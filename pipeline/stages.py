@@ -102,18 +102,35 @@ def decode_batch(batch: pa.Table, decode: dict[str, Any]) -> pa.Table:
 
 
 def _worker_info(device: str) -> str:
-    """Ray node id and assigned GPU ids of this actor, as JSON (null GPU on CPU)."""
+    """Ray node id and the GPU ids Ray assigned to this actor, as JSON (gpu null when none was assigned)."""
     node = gpu = None
     try:
         import ray
 
-        rctx = ray.get_runtime_context()
-        node = rctx.get_node_id()
-        gpus = rctx.get_accelerator_ids().get("GPU") or []
-        gpu = ",".join(str(g) for g in gpus) if gpus and device.startswith("cuda") else None
+        if ray.is_initialized():
+            rctx = ray.get_runtime_context()
+            node = rctx.get_node_id()
+            gpus = rctx.get_accelerator_ids().get("GPU") or []
+            gpu = ",".join(str(g) for g in gpus) or None
     except Exception:  # outside Ray (bare loops, notebooks) there is no runtime context
         pass
-    return json.dumps({"node": node, "gpu": gpu, "pid": os.getpid()})
+    return json.dumps({"node": node, "gpu": gpu, "device": device, "pid": os.getpid()})
+
+
+FAULT_ENV = "STYLEGEN_FAULT_KILL_ONCE"
+
+
+def _maybe_inject_fault() -> None:
+    """Fault injection for crash tests: if $STYLEGEN_FAULT_KILL_ONCE names a file that does not exist yet,
+    create it and kill this actor process mid-batch (as an OOM kill or a lost node would)."""
+    marker = os.environ.get(FAULT_ENV)
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(137)
 
 
 def pick_device(num_gpus: float) -> str:
@@ -138,6 +155,7 @@ class Stylizer:
         rows = to_rows(batch)
         todo = [r for r in rows if _pending(r)]
         if todo:
+            _maybe_inject_fault()
             self._stylize(todo)
         for row in rows:
             row["content_bytes"] = row["content_bytes"] if self.output.include_inputs else None

@@ -1,0 +1,91 @@
+"""A real multi-node Ray cluster on this machine for tests: `ray start --head` plus `ray start --address`
+nodes, each with logical GPUs, token authentication on, every process in its own session so that the test
+stops exactly what it started (by process group) and nothing else."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.conftest import free_port
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(Path(VENV_BIN) / "ray"), "start", "--block", *args], env=env,
+                            start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 10
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:  # whatever ignored SIGTERM in our own process groups
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def local_cluster(nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: int = 4, timeout: float = 120):
+    """Yield ``{"address", "dashboard", "env"}`` of a running cluster; tear it down on exit."""
+    tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: unix socket paths are limited
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    gcs, dash = free_port(), free_port()
+    common = [f"--num-cpus={cpus_per_node}", f"--num-gpus={gpus_per_node}", "--node-ip-address=127.0.0.1",
+              "--disable-usage-stats"]
+    procs = [_start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                     "--include-dashboard=true", f"--temp-dir={tmp}", f"--ray-client-server-port={free_port()}",
+                     *common], env, tmp / "head.log")]
+    try:
+        _wait_nodes(f"127.0.0.1:{gcs}", 1, env, timeout)
+        for i in range(1, nodes):
+            procs.append(_start([f"--address=127.0.0.1:{gcs}", *common], env, tmp / f"node{i}.log"))
+        _wait_nodes(f"127.0.0.1:{gcs}", nodes, env, timeout)
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "tmp": tmp}
+    finally:
+        _stop(procs)
+
+
+def _wait_nodes(address: str, count: int, env: dict, timeout: float) -> None:
+    code = (
+        "import time, ray\n"
+        f"ray.init(address={address!r}, log_to_driver=False)\n"
+        f"deadline = time.time() + {timeout}\n"
+        f"while sum(n['Alive'] for n in ray.nodes()) < {count}:\n"
+        "    assert time.time() < deadline, 'nodes did not come up'\n"
+        "    time.sleep(0.5)\n"
+    )
+    deadline = time.time() + timeout
+    while True:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode == 0:
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"cluster did not start: {proc.stderr[-2000:]}")
+        time.sleep(1)

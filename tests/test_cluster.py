@@ -1,0 +1,92 @@
+"""Cluster execution: Ray Jobs submission to a real two-node cluster, GPU-pinned actor pools."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import local_cluster
+from tests.invariants import check_invariants
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _planned(args_sets: list[str]) -> set[str]:
+    from pipeline.config import load_config
+    from pipeline.plan import build_plan
+
+    return {p.key for p in build_plan(load_config(REPO / "configs/demo.yaml", args_sets))}
+
+
+def test_submit_wait_on_two_node_cluster_uses_both_gpus(tmp_path):
+    out = tmp_path / "out"
+    sets = [f"output.path={out}", "operator.num_gpus=1", "operator.actors=[2,2]", "operator.batch_size=1",
+            "scoring.clip_model=tiny:clip", "pairing.styles_per_content=3"]
+    with local_cluster(nodes=2, gpus_per_node=1) as cluster:
+        args = [sys.executable, "-m", "jobs.cli", "submit", "configs/demo.yaml", "--address", cluster["dashboard"]]
+        for s in sets:
+            args += ["--set", s]
+        proc = subprocess.run([*args, "--wait"], cwd=REPO, env=cluster["env"], capture_output=True, text=True,
+                              timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "SUCCEEDED" in proc.stdout
+        assert "planned=18 kept=18 rejected=0 failed=0 skipped=0" in proc.stdout
+        job_id = proc.stdout.split("submitted: ", 1)[1].split()[0]
+
+        # Same run again: the same submission id, no second job.
+        again = subprocess.run(args, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and f"already submitted: {job_id}" in again.stdout, again.stdout + again.stderr
+        status = subprocess.run([sys.executable, "-m", "jobs.cli", "status", job_id, "--address",
+                                 cluster["dashboard"]], cwd=REPO, env=cluster["env"], capture_output=True, text=True)
+        assert f"{job_id}: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+        job_logs = subprocess.run([sys.executable, "-m", "jobs.cli", "logs", job_id, "--address",
+                                   cluster["dashboard"]], cwd=REPO, env=cluster["env"], capture_output=True, text=True)
+        assert "planned=18" in job_logs.stdout
+
+    rows = check_invariants(str(out), _planned(sets))
+    workers = {(w["node"], w["gpu"]) for w in (json.loads(r["meta"])["worker"] for r in rows)}
+    assert len({node for node, _ in workers}) == 2, workers
+    assert all(gpu is not None for _, gpu in workers), workers
+
+
+def test_submit_rejects_relative_output_and_failing_job_exits_nonzero(tmp_path):
+    with local_cluster(nodes=1, gpus_per_node=0) as cluster:
+        base = [sys.executable, "-m", "jobs.cli", "submit", "configs/demo.yaml", "--address", cluster["dashboard"]]
+        rel = subprocess.run(base, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=60)
+        assert rel.returncode == 2 and "output.path" in rel.stderr, rel.stderr
+        # A job that cannot run (asks for a GPU the cluster does not have would hang; a bad model fails fast).
+        bad = subprocess.run([*base, "--wait", "--set", f"output.path={tmp_path / 'o'}", "--set",
+                              "scoring.clip_model=no-such-clip-model"],
+                             cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
+        assert "FAILED" in bad.stdout
+
+
+def test_two_gpus_two_stylize_actors_on_distinct_gpu_ids(tmp_path):
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import ray
+        from pipeline.config import load_config
+        from pipeline.run import run
+        ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+        cfg = load_config("configs/demo.yaml", ["output.path={out}", "operator.num_gpus=1",
+                          "operator.actors=[2,2]", "operator.batch_size=1", "scoring.clip_model=tiny:clip"])
+        print(run(cfg, quiet=True).line())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = check_invariants(str(out), _planned([f"output.path={out}", "operator.num_gpus=1", "operator.actors=[2,2]",
+                                                "operator.batch_size=1", "scoring.clip_model=tiny:clip"]))
+    by_pid: dict[int, str] = {}
+    for r in rows:
+        w = json.loads(r["meta"])["worker"]
+        by_pid[w["pid"]] = w["gpu"]
+    assert sorted(by_pid.values()) == ["0", "1"], by_pid  # two actors, one GPU each, distinct ids
