@@ -125,3 +125,49 @@ def test_failed_index_upload_leaves_orphan_that_restart_removes(s3_env, monkeypa
     commit_rows(store, _rows(3), OutputConfig(path=out, samples_per_shard=8))
     check_invariants(out, {r["key"] for r in _rows(3)})
     assert isinstance(store.read_index(), pa.Table)
+
+
+def test_failed_shard_upload_leaves_nothing_visible(s3_env, monkeypatch):
+    from pipeline.config import OutputConfig
+
+    out = f"s3://{s3_env['bucket']}/out/tarfail"
+    store = OutputStore(out)
+    store.prepare()
+    real_call = store.fs._call_s3
+
+    async def failing_call(method, *args, **kwargs):
+        if method in ("put_object", "upload_part") and str(kwargs.get("Key", "")).endswith(".tar"):
+            raise ConnectionError("injected: connection reset during shard upload")
+        return await real_call(method, *args, **kwargs)
+
+    monkeypatch.setattr(store.fs, "_call_s3", failing_call)
+    with pytest.raises(ConnectionError):
+        commit_rows(store, _rows(4), OutputConfig(path=out, samples_per_shard=8))
+    monkeypatch.setattr(store.fs, "_call_s3", real_call)
+    assert store.shard_files() == [] and store.index_files() == []
+    commit_rows(store, _rows(4), OutputConfig(path=out, samples_per_shard=8))
+    check_invariants(out, {r["key"] for r in _rows(4)})
+
+
+def test_multipart_upload_failure_is_aborted_not_published(s3_env, monkeypatch, tmp_path):
+    """The guarantee the sink relies on for big shards: s3fs aborts a failed multipart upload."""
+    fs, bucket = s3_env["fs"], s3_env["bucket"]
+    big = tmp_path / "big.tar"
+    big.write_bytes(os.urandom(12 * 2**20))
+    real_call = fs._call_s3
+    parts = []
+
+    async def failing_call(method, *args, **kwargs):
+        if method == "upload_part":
+            parts.append(kwargs.get("PartNumber"))
+            if len(parts) == 2:
+                raise ConnectionError("injected: second part lost")
+        return await real_call(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", failing_call)
+    with pytest.raises(ConnectionError):
+        fs.put_file(str(big), f"{bucket}/shards/big.tar", chunksize=5 * 2**20)
+    monkeypatch.setattr(fs, "_call_s3", real_call)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/shards/big.tar")
+    assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
