@@ -112,3 +112,10 @@ def test_models_tiny_clip_writes_loadable_model(tmp_path):
     scorer = ClipScorer(str(tmp_path / "clip"), "none")
     assert scorer.embed_texts(["a fox"]).shape == (1, 64)
     assert_one_line_error(stylegen("models", "tiny", "nope", str(tmp_path / "x")), "nope")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(config):
+    proc = stylegen("validate", f"configs/{config}")
+    assert proc.returncode == 0, proc.stderr
+    assert "planned=" in proc.stdout
