@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ad-reference"
+from tests.shared_data import fixtures_dir
+
+FIXTURES = fixtures_dir() / "ad-reference"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,7 +159,6 @@ def test_sdxl_smoke_layers_and_checkpointing():
     assert a.ad_losses == pytest.approx(b.ad_losses, rel=1e-5)
 
 
-@pytest.mark.skipif(not (FIXTURES / "cases.json").is_file(), reason="AD fixtures not available")
 @pytest.mark.parametrize("precision, fast", [("fp32", True), ("bf16", True)])
 def test_fast_mode_final_loss_close_to_reference(precision, fast):
     from operators.attention_distillation import ADConfig, load_ad_model, optimize, pil_to_tensor

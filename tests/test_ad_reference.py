@@ -5,15 +5,15 @@ Two comparisons per case:
   (patched ``Attention.forward``, global RNG, ``repeat``, one ``L1Loss`` per layer) on a separately loaded copy of
   the fixture model: same machine, same kernels, so reference mode must agree to the fixture tolerances;
 - against the stored golden tensors. Losses match to 1e-5; gradients and trajectories are only bit-reproducible
-  with the exact CPU kernels the fixtures were made with (L1 sign flips + Adam amplify 1e-7 float noise to ~0.1,
-  research/ad.md §10.4), so the strict comparison is an ``xfail(strict=False)`` that passes on such a machine,
-  and a looser cross-kernel check always runs.
+  with the exact CPU kernels the fixtures were made with: the 64-px fixture model's 1x1 UNet bottleneck has
+  GroupNorm groups of 2 values, which amplify 1e-7 fp32 rounding to ~2e-4 in the gradient (the fixture itself is
+  1.9e-4 off the fp64 gradient; Adam then carries that to ~0.1 in trajectories). So the strict comparison is an
+  ``xfail(strict=False)`` that passes on such a machine, and a looser cross-kernel check always runs.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ad-reference"
-pytestmark = pytest.mark.skipif(not (FIXTURES / "cases.json").is_file(), reason="AD fixtures not available")
+from tests.shared_data import fixtures_dir
 
-CASES = json.loads((FIXTURES / "cases.json").read_text())["cases"] if (FIXTURES / "cases.json").is_file() else {}
+FIXTURES = fixtures_dir() / "ad-reference"
+BIT_LEVEL = ("fp32 rounding amplified by 2-element GroupNorm groups at the 1x1 bottleneck of the 64-px fixture "
+             "model; the fixture itself is 1.9e-4 off the fp64 gradient")
+
+CASES = json.loads((FIXTURES / "cases.json").read_text())["cases"]
 TRAJECTORIES = [name for name, case in CASES.items() if "driver" in case]
 
 
@@ -288,12 +291,12 @@ def test_loss_grad_matches_fixture(ad, model):
     l_ad, l_c, grad = _loss_grad(ad, model, case)
     torch.testing.assert_close(l_ad.reshape(1), golden["ad_loss"], rtol=1e-5, atol=0)
     torch.testing.assert_close(l_c.reshape(1), golden["content_loss"], rtol=1e-5, atol=0)
-    # Cross-kernel tolerance: a few L1 sign flips move every element by ~1e-4 relative.
+    # Cross-kernel tolerance: 1-ulp rounding differences move the gradient by ~2e-4 relative on this model.
     assert F.cosine_similarity(grad.flatten(), golden["grad"].flatten(), dim=0) > 0.9999
     assert (grad - golden["grad"]).abs().max() <= 5e-3 * golden["grad"].abs().max()
 
 
-@pytest.mark.xfail(strict=False, reason="bit-level: needs the CPU kernels the fixtures were generated with")
+@pytest.mark.xfail(strict=False, reason=BIT_LEVEL)
 def test_loss_grad_gradient_bitwise_fixture(ad, model):
     case = CASES["loss_grad"]
     torch.testing.assert_close(_loss_grad(ad, model, case)[2], _golden(case)["grad"], rtol=1e-5, atol=1e-7)
@@ -316,7 +319,7 @@ def test_trajectory_shape_and_scale_match_fixture(runs, name):
         assert (latents - golden).abs().max() <= 0.05
 
 
-@pytest.mark.xfail(strict=False, reason="bit-level: needs the CPU kernels the fixtures were generated with")
+@pytest.mark.xfail(strict=False, reason=BIT_LEVEL)
 @pytest.mark.parametrize("name", TRAJECTORIES)
 def test_trajectory_bitwise_fixture(runs, name):
     assert (runs[name].latents - _golden(CASES[name])["latents"]).abs().max() <= 1e-4
