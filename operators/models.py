@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from pathlib import Path
 
 TINY_PREFIX = "tiny:"
@@ -67,3 +68,40 @@ def resolve_model(spec: str) -> str:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+# Which tiny kinds each operator can load (anything else fails in the actor, long after start-up).
+OPERATOR_TINY_KINDS: dict[str, tuple[str, ...]] = {
+    "sissi": ("flux-fill",),
+    "ad-t2i": ("sd15", "sdxl"),
+    "ad-transfer": ("sd15", "sdxl"),
+    "ad-texture": ("sd15", "sdxl"),
+}
+# A Hugging Face repo id: "name" or "org/name" (letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_local(spec: str) -> bool:
+    """Whether a spec is meant as a local path (absolute, ``./``, ``../``, ``~``) rather than a hub id."""
+    return os.path.isabs(spec) or spec.startswith(("./", "../", "~", ".\\", "..\\")) or os.path.exists(spec)
+
+
+def check_model_spec(spec: str, kinds: tuple[str, ...] | None = None) -> None:
+    """Raise ValueError for a model spec that can never load, so the CLI refuses it at start-up instead of
+    every actor failing later: an unknown ``tiny:`` kind (or one of the wrong family, ``kinds``), a local
+    directory that does not exist, or a string that is not a hub id. Whether a hub id exists is not checked
+    (that needs the network)."""
+    if spec.startswith(TINY_PREFIX):
+        kind, _, seed = spec[len(TINY_PREFIX):].partition("@")
+        allowed = kinds or tuple(tiny_kinds())
+        if kind not in allowed:
+            raise ValueError(f"unknown model {spec!r}; tiny models here: {', '.join(TINY_PREFIX + k for k in allowed)}")
+        if seed and not seed.isdigit():
+            raise ValueError(f"model {spec!r}: the seed after '@' must be a whole number")
+        return
+    if looks_local(spec):
+        if not os.path.isdir(os.path.expanduser(spec)):
+            raise ValueError(f"model directory not found: {spec}")
+        return
+    if not _HUB_ID.match(spec):
+        raise ValueError(f"model {spec!r} is neither tiny:<kind>, an existing directory nor a hub id (org/name)")

@@ -25,8 +25,15 @@ class DecodeError(ValueError):
     """An input that is not a usable image; the sample becomes a `failed` row with this message."""
 
 
-def decode_image(data: bytes | None, *, max_pixels: int, max_side: int | None = None) -> Image.Image:
-    """Decode bytes into an RGB image no larger than ``max_side`` on its longer side."""
+def decode_image(data: bytes | None, *, max_pixels: int, max_side: int | None = None,
+                 max_aspect: float | None = None) -> Image.Image:
+    """Decode bytes into an RGB image no larger than ``max_side`` on its longer side.
+
+    Raises only DecodeError: whatever a hostile file makes Pillow throw must fail its own sample, never the
+    decode task (a task crash would be retried and then fail the whole run). Size and aspect ratio are
+    checked from the header, before any pixel is allocated; ``max_aspect`` refuses slivers such as 4000x2,
+    which would shrink to a 1-pixel line at ``max_side`` and blow up again in CLIP's shorter-side resize.
+    """
     if not data:
         raise DecodeError("empty file")
     try:
@@ -38,6 +45,9 @@ def decode_image(data: bytes | None, *, max_pixels: int, max_side: int | None = 
                 raise DecodeError(f"image too large: {width}x{height} pixels exceeds max_pixels={max_pixels}")
             if width < 1 or height < 1:
                 raise DecodeError(f"image has no pixels: {width}x{height}")
+            aspect = max(width, height) / min(width, height)
+            if max_aspect and aspect > max_aspect:
+                raise DecodeError(f"aspect ratio {aspect:.0f}:1 ({width}x{height}) exceeds max_aspect={max_aspect:g}")
             if max_side and im.format == "JPEG":
                 im.draft("RGB", (max_side, max_side))  # decode JPEG at reduced scale: far less work
             im.seek(0)  # first frame of an animation
@@ -48,7 +58,9 @@ def decode_image(data: bytes | None, *, max_pixels: int, max_side: int | None = 
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(_describe(exc, data)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except MemoryError:
+        raise DecodeError("cannot decode image: out of memory") from None
+    except Exception as exc:  # OSError, SyntaxError, struct.error, ... from a malformed file
         raise DecodeError(f"cannot decode image: {exc.__class__.__name__}: {exc}") from None
     if max_side and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
@@ -82,16 +94,34 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+def output_problem(image: object) -> str | None:
+    """Why an operator's output must not be written (None if it may): not an image, empty, NaN pixels, or
+    all black, which is what NaN latents become after the VAE and the uint8 cast. A constant image that is not
+    black is kept: a flat input legitimately gives a flat output."""
+    if not isinstance(image, Image.Image):
+        return f"returned {type(image).__name__}, not a PIL image"
+    if image.width < 1 or image.height < 1:
+        return f"produced an empty image ({image.width}x{image.height})"
+    arr = np.asarray(image)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        return "produced NaN or infinite pixels"
+    if not arr.any():
+        return "produced an all-black image"
+    return None
+
+
 def encode_image(im: Image.Image, fmt: str = "png", quality: int = 95) -> bytes:
-    """Encode an image deterministically (no timestamps or random metadata)."""
+    """Encode an image deterministically: no metadata is carried over from ``im.info`` (an ICC profile made
+    by a colour transform holds a creation timestamp), so the same pixels always give the same bytes."""
     buf = io.BytesIO()
     fmt = fmt.lower()
+    clean = {"icc_profile": None, "exif": b""}
     if fmt in ("jpg", "jpeg"):
-        im.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=False)
+        im.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=False, **clean)
     elif fmt == "webp":
-        im.save(buf, format="WEBP", quality=quality)
+        im.save(buf, format="WEBP", quality=quality, **clean)
     elif fmt == "png":
-        im.save(buf, format="PNG", compress_level=6)
+        im.save(buf, format="PNG", compress_level=6, **clean)
     else:
         raise ValueError(f"unsupported image format {fmt!r}")
     return buf.getvalue()

@@ -7,23 +7,31 @@ Supported specs (local or any fsspec URL such as ``s3://``):
   manifest) and/or a prompt column (``prompt|caption|text``), optional ``id``;
 - prompt lists: ``.txt`` (one prompt per non-blank line), or a manifest with only prompts.
 
-Tar members are indexed by offset so that a sample's image is later read with one ranged read; the
-webdataset library streams whole tars and has no offset index, so that part is written here by hand.
+Hostile input is normal input: prompts lose C0/C1 control characters (newline and tab stay) and surrounding
+whitespace; a prompt-only row whose prompt ends up empty, a manifest row without an image in an image source,
+a tar sample without an image member, with an unsafe member name (absolute or ``..``), a link member or a
+member cut off by truncation all become items with an ``error``, so each is a `failed` row, never lost.
+
+Tar members are indexed by offset (``pipeline.tar_index``) so that a sample's image is later read with one
+ranged read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
 import tarfile
+import uuid
 from dataclasses import dataclass
 
 import braceexpand
 import pyarrow.parquet as pq
 
 from pipeline.fs import full_url, get_fs, is_remote
+from pipeline.tar_index import index_open_tar
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,32 @@ PROMPT_COLUMNS = ("prompt", "caption", "text")
 IMAGE_COLUMNS = ("image", "path", "url", "file")
 TAR_EXTS = (".tar",)
 MANIFEST_EXTS = (".parquet", ".jsonl")
+
+
+# Longer prompts are refused (failed rows): far beyond any text encoder's context, and carried in every row.
+MAX_PROMPT_CHARS = 20_000
+# C0 and C1 control characters and DEL, except tab and newline (kept: they are layout, not control).
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_prompt(text: str) -> str:
+    """Strip C0/C1 control characters (except newline and tab) and surrounding whitespace.
+
+    ``\r\n`` becomes ``\n``. Everything else (CJK, emoji, zero-width joiners) is kept unchanged.
+    """
+    return _CONTROL_RE.sub("", text).strip()
+
+
+def _prompt_value(value: object) -> tuple[str | None, str | None]:
+    """A manifest/caption prompt value as ``(prompt, error)``: cleaned text, None when empty."""
+    if value is None:
+        return None, None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None, f"prompt is not text ({type(value).__name__})"
+    text = clean_prompt(str(value))
+    if len(text) > MAX_PROMPT_CHARS:
+        return None, f"prompt too long: {len(text)} characters (max {MAX_PROMPT_CHARS})"
+    return text or None, None
 
 
 class SourceError(ValueError):
@@ -88,8 +122,48 @@ def _check_exists(spec: str, key: str) -> None:
         raise SourceError(f"{key}: not found: {spec}")
 
 
+def check_output(url: str, key: str = "output.path") -> None:
+    """Fail fast, with one line naming the location, when the output cannot be written. Locally nothing is
+    created: the path (or its nearest existing parent) must be a writable folder. On S3 a probe object is
+    written and deleted inside ``url`` (the only way to learn that a bucket takes writes)."""
+    try:
+        if is_remote(url):
+            fs, path = get_fs(url)
+            probe = f"{path.rstrip('/')}/_tmp_probe_{uuid.uuid4().hex}"
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+            return
+        path = os.path.abspath(url.removeprefix("file://"))
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(existing)
+    except PermissionError:
+        raise SourceError(f"{key}: access denied, cannot write to {url}") from None
+    except Exception as exc:  # a file in the way, a missing bucket, an unreachable endpoint
+        raise SourceError(f"{key}: cannot write to {url} ({exc.__class__.__name__}: {exc})") from None
+
+
+def _unreadable(key: str, spec: str, exc: Exception) -> SourceError:
+    if isinstance(exc, PermissionError):
+        return SourceError(f"{key}: access denied to {spec}")
+    return SourceError(f"{key}: cannot read {spec} ({exc.__class__.__name__}: {exc})")
+
+
 def read_prompts(spec: str, key: str = "content.prompts") -> list[SourceItem]:
-    """Read a prompt list (``.txt``, ``.jsonl``, ``.parquet``)."""
+    """Read a prompt list (``.txt``, ``.jsonl``, ``.parquet``); any failure is a SourceError naming the key."""
+    try:
+        return _read_prompts(spec, key)
+    except SourceError:
+        raise
+    except Exception as exc:  # network, permissions, a file that vanished while listing
+        raise _unreadable(key, spec, exc) from None
+
+
+def _read_prompts(spec: str, key: str) -> list[SourceItem]:
     urls = _expand(spec)
     if not urls:
         raise SourceError(f"{key}: no files match {spec}")
@@ -97,7 +171,7 @@ def read_prompts(spec: str, key: str = "content.prompts") -> list[SourceItem]:
     for url in urls:
         _check_exists(url, key)
         if url.endswith(MANIFEST_EXTS):
-            items.extend(i for i in _read_manifest(url, key) if i.prompt is not None)
+            items.extend(i for i in _read_manifest(url, key) if i.prompt is not None or i.error)
             continue
         fs, path = get_fs(url)
         try:
@@ -105,16 +179,27 @@ def read_prompts(spec: str, key: str = "content.prompts") -> list[SourceItem]:
         except UnicodeDecodeError:
             raise SourceError(f"{key}: {url} is not UTF-8 text") from None
         base = _relative_id(url, _id_root(get_fs(spec)[1]))
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                items.append(SourceItem(id=f"{base}:{lineno}", prompt=line.strip()))
+        for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: \x1c-\x1e, \x85 are no breaks
+            prompt, error = _prompt_value(line)
+            if prompt or error:  # blank (or control-only) lines are skipped by design
+                items.append(SourceItem(id=f"{base}:{lineno}", prompt=prompt, error=error))
     if not items:
         raise SourceError(f"{key}: no prompts in {spec}")
     return items
 
 
 def read_images(spec: str, key: str) -> list[SourceItem]:
-    """Read an image source of any supported kind into items (no pixels are read)."""
+    """Read an image source of any supported kind into items (no pixels are read); any failure is a
+    SourceError naming the key."""
+    try:
+        return _read_images(spec, key)
+    except SourceError:
+        raise
+    except Exception as exc:  # network, permissions, a file that vanished while listing
+        raise _unreadable(key, spec, exc) from None
+
+
+def _read_images(spec: str, key: str) -> list[SourceItem]:
     fs, path = get_fs(spec)
     if not _is_glob(path) and "{" not in spec:
         _check_exists(spec, key)
@@ -129,7 +214,9 @@ def read_images(spec: str, key: str) -> list[SourceItem]:
         if url.endswith(TAR_EXTS):
             items.extend(_read_tar(url, key, _relative_id(url, root)))
         elif url.endswith(MANIFEST_EXTS):
-            items.extend(i for i in _read_manifest(url, key) if i.image is not None)
+            items.extend(i if i.image is not None or i.error else
+                         SourceItem(id=i.id, prompt=i.prompt, error="manifest row has no image")
+                         for i in _read_manifest(url, key))
         elif _ext(url) in IMAGE_EXTS:
             items.append(SourceItem(id=_relative_id(url, root), image=ImageRef(url)))
         else:
@@ -170,66 +257,50 @@ def _dedupe(items: list[SourceItem]) -> list[SourceItem]:
     return out
 
 
-# WebDataset rule: the key is the path up to the first dot of the last path component.
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
 def _read_tar(url: str, key: str, base: str) -> list[SourceItem]:
-    """Index a WebDataset tar: image member offsets plus captions (txt/json), read with seeks only.
-    Sample ids are ``<base>/<sample key>``."""
+    """Index a WebDataset tar (``pipeline.tar_index``): image member offsets plus captions (txt/json), read
+    with seeks only. Sample ids are ``<base>/<sample key>``; samples that cannot be used get an ``error``."""
     fs, path = get_fs(url)
-    members: dict[str, dict[str, tarfile.TarInfo]] = {}
-    order: list[str] = []
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            try:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    match = _KEY_RE.match(info.name)
-                    if not match:
-                        continue
-                    sample_key, ext = match.group(1), match.group(2).lower()
-                    if sample_key not in members:
-                        members[sample_key] = {}
-                        order.append(sample_key)
-                    members[sample_key][ext] = info
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                log.warning("%s: %s is truncated or corrupt after %d samples (%s)", key, url, len(order), exc)
-            captions = {k: _tar_caption(f, m) for k, m in members.items()}
+        with fs.open(path, "rb") as f:
+            index = index_open_tar(f, url)
+            captions = {s.key: _tar_caption(f, s.members, url, s.key) for s in index.samples if not s.error}
     except tarfile.ReadError as exc:
         raise SourceError(f"{key}: {url} is not a readable tar ({exc})") from None
     items = []
-    for sample_key in order:
-        exts = members[sample_key]
-        image_ext = next((e for e in IMAGE_EXTS if e in exts), None)
-        info = exts.get(image_ext) if image_ext else None
-        ref = ImageRef(url, info.offset_data, info.size) if info is not None else None
-        error = None if ref else f"tar sample has no image member (has: {', '.join(sorted(exts))})"
-        items.append(
-            SourceItem(id=f"{base}/{sample_key}", image=ref, prompt=captions.get(sample_key), error=error)
-        )
+    for sample in index.samples:
+        image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
+        error = sample.error
+        if error is None and image_ext is None:
+            error = f"tar sample has no image member (has: {', '.join(sorted(sample.members))})"
+        ref = None if error else ImageRef(url, *sample.members[image_ext])
+        items.append(SourceItem(id=f"{base}/{sample.key}", image=ref, prompt=captions.get(sample.key), error=error))
     return items
 
 
-def _tar_caption(f, exts: dict[str, tarfile.TarInfo]) -> str | None:
+def _tar_caption(f, members: dict[str, tuple[int, int]], url: str = "", sample_key: str = "") -> str | None:
     for ext in ("txt", "json"):
-        info = exts.get(ext)
-        if info is None or info.size > 1_000_000:
+        if ext not in members or members[ext][1] > 1_000_000:
             continue
-        f.seek(info.offset_data)
-        raw = f.read(info.size)
+        offset, size = members[ext]
+        f.seek(offset)
+        raw = f.read(size)
         try:
             text = raw.decode("utf-8")
             if ext == "txt":
-                return text.strip()
+                prompt = _prompt_value(text)[0]
+                if prompt:
+                    return prompt
+                continue
             obj = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            log.warning("%s: ignoring unreadable caption member %s.%s (%s)", url, sample_key, ext,
+                        exc.__class__.__name__)
             continue
         if isinstance(obj, dict):
             for col in PROMPT_COLUMNS:
                 if isinstance(obj.get(col), str):
-                    return obj[col].strip()
+                    return _prompt_value(obj[col])[0]
     return None
 
 
@@ -242,7 +313,8 @@ def _read_manifest(url: str, key: str) -> list[SourceItem]:
         else:
             rows = []
             text = fs.cat_file(path).decode("utf-8")
-            for lineno, line in enumerate(text.splitlines(), start=1):
+            # split on \n only: U+2028 or \x85 inside a JSON string are legal and must not end the line
+            for lineno, line in enumerate(text.split("\n"), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -268,12 +340,13 @@ def _read_manifest(url: str, key: str) -> list[SourceItem]:
             if not is_remote(target) and not posixpath.isabs(target):
                 target = posixpath.join(base_dir, target)
             ref = ImageRef(target if is_remote(target) else full_url(fs, target))
+        prompt, error = _prompt_value(row[prompt_col]) if prompt_col else (None, None)
+        if ref is None and prompt is None and error is None:
+            error = "empty prompt" if prompt_col else "row has no prompt and no image"
         raw_id = row.get("id")
         if raw_id is None or raw_id == "":
             raw_id = row[image_col] if image_col else f"{base}:{index + 1}"
-        ident = str(raw_id)
-        prompt = str(row[prompt_col]) if prompt_col else None
-        items.append(SourceItem(id=ident, image=ref, prompt=prompt))
+        items.append(SourceItem(id=str(raw_id), image=ref, prompt=prompt, error=error))
     return items
 
 
@@ -284,11 +357,12 @@ def read_content(prompts: str | None, images: str | None) -> list[SourceItem]:
     if not images:
         return _dedupe(prompt_items)
     image_items = read_images(images, "content.images")
-    if not prompt_items:
+    pool = [p.prompt for p in prompt_items if p.prompt]
+    if not pool:
         return image_items
     out = []
     for index, item in enumerate(image_items):
-        prompt = item.prompt if item.prompt else prompt_items[index % len(prompt_items)].prompt
+        prompt = item.prompt if item.prompt else pool[index % len(pool)]
         out.append(SourceItem(id=item.id, image=item.image, prompt=prompt, error=item.error))
     return out
 

@@ -8,6 +8,7 @@ flight, ``failed`` as soon as a stage gives up on it (later stages pass it throu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -18,7 +19,14 @@ import pyarrow as pa
 
 from pipeline.config import DecodeConfig, FilterConfig, OutputConfig
 from pipeline.fs import read_range
-from pipeline.images import DecodeError, decode_image, encode_image, encode_transport, open_rgb
+from pipeline.images import (
+    DecodeError,
+    decode_image,
+    encode_image,
+    encode_transport,
+    open_rgb,
+    output_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +84,14 @@ def _fetch_decode(url: str | None, offset: int, size: int, cfg: DecodeConfig) ->
         data = read_range(url, offset, size)
     except FileNotFoundError:
         raise DecodeError(f"not found: {url}") from None
-    except (OSError, ValueError) as exc:
+    except PermissionError:
+        raise DecodeError(f"access denied: {url}") from None
+    except Exception as exc:  # network, credentials, a vanished tar: this sample fails, the run goes on
         raise DecodeError(f"cannot read {url}: {exc.__class__.__name__}: {exc}") from None
-    return encode_transport(decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side))
+    if size >= 0 and len(data) < size:
+        raise DecodeError(f"truncated: {len(data)} of {size} bytes readable in {url}")
+    return encode_transport(decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side,
+                                         max_aspect=cfg.max_aspect))
 
 
 def decode_batch(batch: pa.Table, decode: dict[str, Any]) -> pa.Table:
@@ -97,6 +110,10 @@ def decode_batch(batch: pa.Table, decode: dict[str, Any]) -> pa.Table:
                 row[f"{side}_bytes"] = _fetch_decode(url, row[f"{side}_offset"], row[f"{side}_size"], cfg)
             except DecodeError as exc:
                 _fail(row, f"{side}: {exc}")
+                break
+            except Exception as exc:  # a decoder bug must cost one sample, not the decode task
+                log.exception("unexpected error decoding %s of %s", side, row["key"])
+                _fail(row, f"{side}: cannot decode image: {exc.__class__.__name__}: {exc}")
                 break
     return to_table(rows)
 
@@ -176,6 +193,9 @@ class Stylizer:
     def _stylize(self, rows: list[dict[str, Any]]) -> None:
         try:
             results = self.op(self._items(rows))
+            if not isinstance(results, list) or len(results) != len(rows):
+                got = len(results) if isinstance(results, list) else type(results).__name__
+                raise ValueError(f"operator returned {got} results for {len(rows)} items")
         except Exception as exc:  # one bad sample must not fail its batch-mates: retry one by one
             if len(rows) == 1:
                 _fail(rows[0], f"operator error: {exc.__class__.__name__}: {exc}")
@@ -185,18 +205,49 @@ class Stylizer:
                 self._stylize([row])
             return
         for row, result in zip(rows, results, strict=True):
-            self._accept(row, result)
+            try:
+                self._accept(row, result)
+            except Exception as exc:  # an output we cannot encode fails its sample only
+                _fail(row, f"operator output unusable: {exc.__class__.__name__}: {exc}")
 
     def _accept(self, row: dict[str, Any], result: dict[str, Any]) -> None:
+        """Write nothing an operator got wrong: errors, non-images, NaN and all-black outputs fail the row."""
+        if not isinstance(result, dict):
+            _fail(row, f"operator returned {type(result).__name__}, not a result dict")
+            return
         if result.get("error"):
             _fail(row, f"operator: {result['error']}")
             return
-        image = result["image"]
+        image = result.get("image")
+        problem = output_problem(image)
+        if problem:
+            _fail(row, f"operator {problem}")
+            return
         meta = dict(result.get("meta") or {})
+        meta.update(prompt_meta(row["prompt"]))
         meta["worker"] = json.loads(self.worker)
         row["image"] = encode_image(image, self.output.image_format, self.output.jpeg_quality)
         row["meta"] = json.dumps(meta, sort_keys=True, default=str)
         row["worker"] = self.worker
+
+
+CLIP_TEXT_TOKENS = 75  # CLIP's 77-token context minus start and end: the scorer and SD text encoders cut here
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def prompt_meta(prompt: str | None) -> dict[str, Any]:
+    """How much of the prompt CLIP sees: long prompts are kept whole in the index and ``txt`` but CLIP (the
+    scorer, and SD/Flux's CLIP text encoder) truncates them, so the sample records that it did."""
+    if prompt is None:
+        return {}
+    tokens = len(_clip_tokenizer().encode(prompt))
+    return {"prompt_chars": len(prompt), "prompt_clip_tokens": tokens, "prompt_truncated": tokens > CLIP_TEXT_TOKENS}
 
 
 class Scorer:
