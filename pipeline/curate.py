@@ -1,0 +1,368 @@
+"""``stylegen filter``: CLIP quality filtering of existing WebDataset corpora (image + txt/json caption).
+
+Three passes, each resumable:
+1. **Embed** (Ray actor pool): for every input sample not yet in the embeddings store, decode the image, record
+   its size, and persist L2-normalised image and caption embeddings with the caption's CLIP score
+   (``EMB/<name>.parquet``, keyed, committed atomically). A later run with other thresholds reuses them.
+2. **Decide** (driver, pure functions in ``pipeline.selection``): failed inputs, basic checks, ``min_clip``,
+   near-duplicates, and ``top_fraction`` of the whole pool; deterministic, so a resumed run decides the same.
+3. **Write** (Ray write tasks): kept samples are copied into shards with their original members and bytes
+   (never re-encoded); every sample gets an index row (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import posixpath
+import time
+from dataclasses import asdict
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.config import (
+    ConfigError,
+    DecodeConfig,
+    OutputConfig,
+    RayConfig,
+    ScoringConfig,
+    _Strict,
+)
+from pipeline.fs import read_range
+from pipeline.selection import Candidate, basic_reason, near_duplicates, top_fraction_keys
+from pipeline.sink import OutputStore, commit_rows, shard_name
+from pipeline.sources import IMAGE_EXTS, PROMPT_COLUMNS, SourceError, _expand, _id_root, _relative_id
+from pipeline.tar_index import index_tar
+
+log = logging.getLogger(__name__)
+
+
+class CurateInput(_Strict):
+    shards: str
+
+
+class CurateFilter(_Strict):
+    min_clip: float | None = Field(None, ge=-1, le=1)
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    dedup_threshold: float | None = Field(None, gt=0, le=1)
+    min_side: int | None = Field(None, ge=1)
+    max_aspect: float | None = Field(None, ge=1)
+    min_caption_chars: int | None = Field(None, ge=0)
+    max_caption_chars: int | None = Field(None, ge=1)
+
+
+class EmbeddingsConfig(_Strict):
+    path: str | None = None  # default OUTPUT/embeddings; point at another run's to re-filter without CLIP work
+
+
+class FilterRunConfig(_Strict):
+    kind: Literal["filter"] = "filter"
+    input: CurateInput
+    output: OutputConfig
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    filter: CurateFilter = Field(default_factory=CurateFilter)
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def embeddings_path(self) -> str:
+        return self.embeddings.path or f"{self.output.path.rstrip('/')}/embeddings"
+
+    def filter_hash(self) -> str:
+        blob = json.dumps({"filter": self.filter.model_dump(), "input": self.input.shards,
+                           "clip": [self.scoring.clip_model, self.scoring.clip_pretrained]}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+EMB_SCHEMA = pa.schema([
+    ("key", pa.string()), ("clip", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
+    ("caption", pa.string()), ("error", pa.string()),
+    ("image_emb", pa.list_(pa.float32())), ("text_emb", pa.list_(pa.float32())),
+])
+
+
+# ---- plan --------------------------------------------------------------------------------------------------
+def plan_inputs(cfg: FilterRunConfig) -> list[dict[str, Any]]:
+    """One row per input sample: key, source id, tar URL and member offsets (no image bytes read)."""
+    urls = _expand(cfg.input.shards)
+    if not urls:
+        raise SourceError(f"input.shards: no files match {cfg.input.shards}")
+    from pipeline.fs import get_fs
+
+    root = _id_root(get_fs(cfg.input.shards)[1])
+    rows = []
+    for url in urls:
+        try:
+            tar = index_tar(url)
+        except FileNotFoundError:
+            raise SourceError(f"input.shards: not found: {url}") from None
+        except Exception as exc:
+            raise SourceError(f"input.shards: cannot read {url} ({exc.__class__.__name__}: {exc})") from None
+        base = _relative_id(url, root)
+        for sample in tar.samples:
+            source_id = f"{base}/{sample.key}"
+            rows.append({"key": hashlib.sha1(source_id.encode()).hexdigest()[:16], "content_id": source_id,
+                         "url": url, "members": json.dumps(sample.members, sort_keys=True), "error": sample.error})
+    return rows
+
+
+# ---- pass 1: embeddings --------------------------------------------------------------------------------
+def _caption(url: str, members: dict[str, list[int]]) -> str | None:
+    for ext in ("txt", "json"):
+        if ext in members and members[ext][1] <= 1_000_000:
+            raw = read_range(url, *members[ext])
+            try:
+                text = raw.decode("utf-8")
+                if ext == "txt":
+                    return text.strip()
+                obj = json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(obj, dict):
+                for col in PROMPT_COLUMNS:
+                    if isinstance(obj.get(col), str):
+                        return obj[col].strip()
+    return None
+
+
+class Embedder:
+    """Actor: image + caption embeddings and the caption CLIP score, batched."""
+
+    def __init__(self, scoring: dict[str, Any], decode: dict[str, Any]):
+        from operators.clip_score import ClipScorer
+        from pipeline.stages import pick_device
+
+        self.scorer = ClipScorer(scoring["clip_model"], scoring["clip_pretrained"],
+                                 device=pick_device(float(scoring.get("num_gpus") or 0)))
+        self.decode = DecodeConfig.model_validate(decode)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(self.embed(batch.to_pylist()), schema=EMB_SCHEMA)
+
+    def embed(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from PIL import Image
+
+        from pipeline.images import DecodeError, decode_image
+
+        out, images, captions = [], [], []
+        for row in rows:
+            members = json.loads(row["members"])
+            rec = {"key": row["key"], "clip": None, "width": None, "height": None, "caption": None, "error": None,
+                   "image_emb": None, "text_emb": None}
+            out.append(rec)
+            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            if row.get("error"):
+                rec["error"] = row["error"]
+                continue
+            if ext is None:
+                rec["error"] = f"no image member (has: {', '.join(sorted(members))})"
+                continue
+            try:
+                data = read_range(row["url"], *members[ext])
+                with Image.open(io.BytesIO(data)) as probe:
+                    rec["width"], rec["height"] = probe.size
+                image = decode_image(data, max_pixels=self.decode.max_pixels, max_side=self.decode.max_side)
+                rec["caption"] = _caption(row["url"], members)
+            except (DecodeError, OSError, ValueError, SyntaxError) as exc:
+                rec["error"] = f"image: {exc}"
+                continue
+            images.append((rec, image))
+            captions.append(rec["caption"])
+        if images:
+            img_emb = self.scorer.embed_images([im for _, im in images])
+            with_text = [i for i, c in enumerate(captions) if c]
+            txt_emb = self.scorer.embed_texts([captions[i] for i in with_text]) if with_text else None
+            for (rec, _), emb in zip(images, img_emb, strict=True):
+                rec["image_emb"] = emb.tolist()
+            for j, i in enumerate(with_text):
+                rec = images[i][0]
+                rec["text_emb"] = txt_emb[j].tolist()
+                rec["clip"] = float(img_emb[i] @ txt_emb[j])
+        return out
+
+
+class EmbeddingSink:
+    """Ray Datasink writing ``EMB/<sha1(keys)>.parquet`` files atomically (same protocol as the shards)."""
+
+    def __new__(cls, path: str, fsync: bool):
+        from ray.data import Datasink
+        from ray.data.block import BlockAccessor
+
+        class _Sink(Datasink):
+            def write(self, blocks, ctx):
+                tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+                tables = [t for t in tables if t.num_rows]
+                if not tables:
+                    return 0
+                table = pa.concat_tables(tables).cast(EMB_SCHEMA)
+                name = shard_name(table.column("key").to_pylist())
+                OutputStore(path, fsync=fsync).put_table(".", name, table)
+                return table.num_rows
+
+        return _Sink()
+
+
+# ---- pass 2: decisions ----------------------------------------------------------------------------------
+Decision = tuple[str, str | None, float | None]  # (status, reason, clip score)
+
+
+def decide(plan: list[dict[str, Any]], emb: pa.Table, f: CurateFilter) -> dict[str, Decision]:
+    """key -> (status, reason, clip) for every planned key."""
+    by_key = {k: i for i, k in enumerate(emb.column("key").to_pylist())}
+    clip_col = emb.column("clip").to_pylist()
+    decisions: dict[str, Decision] = {}
+    candidates: list[str] = []
+    scores: dict[str, float] = {}
+    for row in plan:
+        i = by_key[row["key"]]
+        rec = Candidate(row["key"], clip_col[i], emb["width"][i].as_py(), emb["height"][i].as_py(),
+                        len(emb["caption"][i].as_py() or ""), emb["error"][i].as_py())
+        if rec.error:
+            decisions[rec.key] = ("failed", rec.error, None)
+            continue
+        if rec.clip is not None and math.isfinite(rec.clip):
+            scores[rec.key] = rec.clip
+        reason = basic_reason(rec, min_side=f.min_side, max_aspect=f.max_aspect,
+                              min_caption_chars=f.min_caption_chars, max_caption_chars=f.max_caption_chars)
+        if reason is None and f.min_clip is not None and (rec.clip is None or rec.clip < f.min_clip):
+            reason = "no caption to score" if rec.clip is None else f"clip {rec.clip:.4f} < min_clip {f.min_clip}"
+        decisions[rec.key] = ("rejected", reason, rec.clip) if reason else ("kept", None, rec.clip)
+        if not reason:
+            candidates.append(rec.key)
+    if f.dedup_threshold is not None and candidates:
+        idx = [by_key[k] for k in candidates]
+        mat = np.asarray(emb.column("image_emb").take(pa.array(idx)).to_pylist(), dtype=np.float32)
+        for key, (twin, cos) in near_duplicates(candidates, mat, scores, f.dedup_threshold).items():
+            decisions[key] = ("rejected", f"near-duplicate of {twin} (cosine {cos:.4f})", scores.get(key))
+    if f.top_fraction is not None:
+        best = top_fraction_keys(scores, f.top_fraction)
+        for key, (status, _, clip) in decisions.items():
+            if status == "kept" and key not in best:
+                decisions[key] = ("rejected", f"not in top_fraction {f.top_fraction} of the pool", clip)
+    return decisions
+
+
+# ---- pass 3: write ----------------------------------------------------------------------------------------
+class CurateSink:
+    """Ray Datasink: kept samples copied with their original members; index rows for all."""
+
+    def __new__(cls, output: dict[str, Any]):
+        from ray.data import Datasink
+        from ray.data.block import BlockAccessor
+
+        out = OutputConfig.model_validate(output)
+
+        class _Sink(Datasink):
+            @property
+            def min_rows_per_write(self) -> int:
+                return out.samples_per_shard
+
+            def write(self, blocks, ctx):
+                rows = [r for b in blocks for r in BlockAccessor.for_block(b).to_arrow().to_pylist()]
+                if not rows:
+                    return {}
+                return commit_rows(OutputStore(out.path, fsync=out.fsync), rows, out, make_sample=copy_members)
+
+        return _Sink()
+
+
+def copy_members(row: dict[str, Any], out: OutputConfig) -> dict[str, bytes | str]:
+    """A kept sample's original members, byte for byte, under its output key."""
+    sample: dict[str, bytes | str] = {"__key__": row["key"]}
+    for ext, (offset, size) in json.loads(row["members"]).items():
+        sample[ext] = read_range(row["url"], offset, size)
+    return sample
+
+
+# ---- driver -------------------------------------------------------------------------------------------------
+def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = False):
+    """Run (or resume) a filter job; returns a RunSummary and writes ``run.json``."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from operators.clip_score import resolve_clip
+    from pipeline.run import RunSummary, _gpu_args, init_ray, package_versions
+
+    started = time.time()
+    plan = plan_inputs(cfg)
+    store = OutputStore(cfg.output.path, fsync=cfg.output.fsync)
+    store.prepare()
+    previous = store.read_json("run.json")
+    if previous and store.index_files() and previous.get("filter_hash") != cfg.filter_hash():
+        raise ConfigError(f"output.path: {cfg.output.path} already holds a filter run with other settings; use a new "
+                          "output path (set embeddings.path to reuse its embeddings)")
+    emb_store = OutputStore(cfg.embeddings_path(), fsync=cfg.output.fsync)
+    emb_store.clear_tmp()
+    emb_model = emb_store.read_json("_model.json")
+    model_id = [cfg.scoring.clip_model, cfg.scoring.clip_pretrained]
+    if emb_model and emb_model.get("clip") != model_id:
+        raise ConfigError(f"embeddings.path: {cfg.embeddings_path()} holds embeddings of {emb_model.get('clip')}, "
+                          f"not {model_id}")
+    embedded = set(emb_store.read_tables(".", ["key"]).column("key").to_pylist())
+    done = store.done_keys()
+    to_embed = [r for r in plan if r["key"] not in embedded]
+    to_write = [r for r in plan if r["key"] not in done]
+    summary = RunSummary(planned=len(plan), skipped=len(plan) - len(to_write))
+    started_ray = False
+    try:
+        if to_embed or to_write:
+            started_ray = init_ray(address or cfg.ray.address, quiet=quiet)
+            ctx = DataContext.get_current()
+            ctx.enable_progress_bars = not quiet
+            ctx.wait_for_min_actors_s = cfg.ray.wait_for_actors_s
+        if to_embed:
+            emb_store.write_json("_model.json", {"clip": model_id})
+            sc = cfg.scoring
+            ds = ray.data.from_items(to_embed, override_num_blocks=max(1, math.ceil(len(to_embed) / sc.batch_size)))
+            ds = ds.map_batches(Embedder, batch_format="pyarrow", batch_size=sc.batch_size,
+                                compute=ActorPoolStrategy(min_size=sc.actors[0], max_size=sc.actors[1]),
+                                fn_constructor_kwargs={"scoring": sc.model_dump(), "decode": cfg.decode.model_dump()},
+                                num_cpus=sc.num_cpus, **_gpu_args(sc.num_gpus))
+            ds.write_datasink(EmbeddingSink(cfg.embeddings_path(), cfg.output.fsync))
+        summary.timings["embed_s"] = round(time.time() - started, 3)
+        if to_write:
+            emb = emb_store.read_tables(".", None)
+            decisions = decide(plan, emb, cfg.filter)
+            rows = []
+            for r in to_write:
+                status, reason, clip = decisions[r["key"]]
+                rows.append({**r, "status": status, "reason": reason, "clip_content": clip, "prompt": None,
+                             "meta": json.dumps({"source": posixpath.basename(r["url"]), "members":
+                                                 sorted(json.loads(r["members"]))})})
+            _fill_captions(rows, emb)
+            blocks = max(1, math.ceil(len(rows) / cfg.output.samples_per_shard))
+            ray.data.from_items(rows, override_num_blocks=blocks).write_datasink(
+                CurateSink(cfg.output.model_dump()))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    status = dict(zip(*(store.read_index(["key", "status"]).column(c).to_pylist() for c in ("key", "status")),
+                      strict=True))
+    for r in to_write:
+        setattr(summary, status[r["key"]], getattr(summary, status[r["key"]]) + 1)
+    summary.timings["total_s"] = round(time.time() - started, 3)
+    _, _, meaningful = resolve_clip(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
+    planned = {r["key"] for r in plan}
+    totals: dict[str, int] = {}
+    for key, st in status.items():
+        if key in planned:
+            totals[st] = totals.get(st, 0) + 1
+    store.write_json("run.json", {
+        "kind": "filter", "config": cfg.model_dump(mode="json"), "filter_hash": cfg.filter_hash(),
+        "versions": package_versions(), "this_run": asdict(summary),
+        "counters": {"clip_images_encoded": len(to_embed), "embeddings_reused": len(plan) - len(to_embed)},
+        "dataset": {"planned": len(plan), **totals}, "scores_meaningful": meaningful,
+    })
+    return summary
+
+
+def _fill_captions(rows: list[dict[str, Any]], emb: pa.Table) -> None:
+    captions = dict(zip(emb.column("key").to_pylist(), emb.column("caption").to_pylist(), strict=True))
+    for row in rows:
+        row["prompt"] = captions.get(row["key"])
