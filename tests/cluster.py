@@ -44,6 +44,14 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         proc.wait(timeout=10)
 
 
+def _agent_ports() -> list[str]:
+    """Free ports for a node's agents: Ray's fixed defaults (e.g. 52365) may be held by another Ray on this
+    machine, such as the embedded one of the test session, and a node whose job agent cannot bind never
+    accepts a job."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
 @contextmanager
 def local_cluster(nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: int = 4, timeout: float = 120):
     """Yield ``{"address", "dashboard", "env"}`` of a running cluster; tear it down on exit."""
@@ -60,11 +68,11 @@ def local_cluster(nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: int = 4
               "--disable-usage-stats"]
     procs = [_start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
                      "--include-dashboard=true", f"--temp-dir={tmp}", f"--ray-client-server-port={free_port()}",
-                     *common], env, tmp / "head.log")]
+                     *common, *_agent_ports()], env, tmp / "head.log")]
     try:
         _wait_nodes(f"127.0.0.1:{gcs}", 1, env, timeout)
         for i in range(1, nodes):
-            procs.append(_start([f"--address=127.0.0.1:{gcs}", *common], env, tmp / f"node{i}.log"))
+            procs.append(_start([f"--address=127.0.0.1:{gcs}", *common, *_agent_ports()], env, tmp / f"node{i}.log"))
         _wait_nodes(f"127.0.0.1:{gcs}", nodes, env, timeout)
         yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "tmp": tmp}
     finally:
