@@ -28,13 +28,21 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
     raise typer.Exit(code)
 
 
-def _load(config: Path, overrides: list[str] | None):
+def _load(config: Path, overrides: list[str] | None, schema=None):
     from pipeline.config import ConfigError, load_config
 
     try:
-        return load_config(config, overrides or [])
+        return load_config(config, overrides or [], schema=schema)
     except ConfigError as exc:
         _fail(str(exc))
+
+
+def _unexpected(exc: Exception, debug: bool) -> None:
+    """Anything else that stops a run: one line and exit 1; ``--debug`` shows the traceback instead."""
+    if debug:
+        raise exc
+    first = (str(exc).strip().splitlines() or [""])[0][:500]
+    _fail(f"run failed: {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)", code=1)
 
 
 def _check_sources(config: Path, cfg) -> int:
@@ -56,28 +64,49 @@ def validate(config: Path, set_: SetOpt = None) -> None:
     typer.echo(f"ok: {config} is valid; planned={planned}")
 
 
-@app.command()
-def run(
-    config: Path,
-    set_: SetOpt = None,
-    address: Annotated[str | None, typer.Option(help="Ray address; default: embedded local Ray")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks")] = False,
-) -> None:
-    """Run (or resume) a generation job."""
-    from pipeline.run import run as run_job
-    from pipeline.sources import SourceError
+AddressArg = Annotated[str | None, typer.Option(help="Ray address; default: embedded local Ray")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")]
+DebugOpt = Annotated[bool, typer.Option(help="Show tracebacks")]
+
+
+def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bool) -> None:
+    """Shared by `run` and `filter`: logging, the output check, one-line errors, the summary line."""
+    from pipeline.config import ConfigError
+    from pipeline.sources import SourceError, check_output
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = _load(config, set_)
+    if not debug:  # "Found credentials in environment variables" before an error would break its one line
+        for name in ("botocore", "aiobotocore", "s3fs"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        summary = run_job(cfg, address=address, quiet=quiet)
-    except SourceError as exc:
+        check_output(cfg.output.path)
+        summary = job(cfg, address=address, quiet=quiet)
+    except (SourceError, ConfigError) as exc:
         if debug:
             raise
         _fail(f"{config}: {exc}")
+    except Exception as exc:
+        _unexpected(exc, debug)
     typer.echo(summary.line())
+
+
+@app.command()
+def run(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
+        debug: DebugOpt = False) -> None:
+    """Run (or resume) a generation job."""
+    from pipeline.run import run as run_job
+
+    _execute(config, _load(config, set_), run_job, address, quiet, debug)
+
+
+@app.command("filter")
+def filter_(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
+            debug: DebugOpt = False) -> None:
+    """CLIP quality filtering of existing WebDataset shards (run or resume)."""
+    from pipeline.curate import FilterRunConfig, curate
+
+    _execute(config, _load(config, set_, schema=FilterRunConfig), curate, address, quiet, debug)
 
 
 AddressOpt = Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265")]
@@ -102,6 +131,8 @@ def submit(
         _fail(f"{config}: {exc}")
     except (ConnectionError, OSError) as exc:
         _fail(f"cannot reach Ray at {address}: {exc}")
+    except RuntimeError as exc:  # the Jobs API answered with an error
+        _fail(f"Ray at {address} refused the job: {str(exc).splitlines()[0]}", code=1)
     typer.echo(f"{'submitted' if new else 'already submitted'}: {job_id}")
     if wait:
         final = jobs.wait(address, job_id)
@@ -133,6 +164,47 @@ def stop(job_id: str, address: AddressOpt) -> None:
     from jobs import submit as jobs
 
     typer.echo(f"{job_id}: {'stop requested' if jobs.stop(address, job_id) else 'not running'}")
+
+
+@app.command()
+def report(
+    output: Annotated[str, typer.Argument(help="Output path or s3:// URL of a run (finished or partial)")],
+    out: Annotated[str | None, typer.Option("--out", help="Report folder; default OUTPUT/report or ./report")] = None,
+    samples: Annotated[int, typer.Option(help="Kept samples on the contact sheet")] = 24,
+) -> None:
+    """Write a self-contained HTML report (counts, contact sheet, score histograms, worst/best, config)."""
+    from pipeline.report import make_report
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    result = make_report(output, out, max_samples=samples)
+    if not result.counts and not result.sheet_samples:
+        typer.echo(f"warning: no index rows in {output}", err=True)
+    typer.echo(f"report: {result.html}")
+
+
+@app.command()
+def reproduce(
+    output: Annotated[str, typer.Argument(help="Output path or s3:// URL of a run")],
+    key: Annotated[str, typer.Argument(help="Sample key")],
+    config: Annotated[Path | None, typer.Option(help="The run's config when OUTPUT has no run.json")] = None,
+    device: Annotated[str | None, typer.Option(help="Device; default: the recorded one if present, else cpu")] = None,
+    save: Annotated[Path | None, typer.Option(help="Also write the regenerated image here")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads; default: the stylize actors' num_cpus")] = None,
+) -> None:
+    """Regenerate one sample from its recorded settings; exit 0 if identical, 1 if different, 2 if unknown."""
+    from pipeline.reproduce import NotReproducible, UnknownKey
+    from pipeline.reproduce import reproduce as regenerate
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = _load(config, None) if config else None
+    try:
+        result = regenerate(output, key, config=cfg, device=device, threads=threads)
+    except (UnknownKey, NotReproducible) as exc:
+        _fail(str(exc))
+    if save:
+        result.image.save(save)
+    typer.echo(result.line())
+    raise typer.Exit(0 if result.identical else 1)
 
 
 @models_app.command("tiny")

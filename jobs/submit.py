@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -86,9 +87,26 @@ def submit(config: RunConfig, address: str) -> tuple[str, bool]:
         if status not in TERMINAL_RETRYABLE:  # PENDING/RUNNING: attach; SUCCEEDED: done already
             return sub_id, False
         attempt += 1  # a failed or stopped attempt: resume under a new id (the run itself resumes)
-    jobs.submit_job(entrypoint=entrypoint(), submission_id=sub_id, runtime_env=runtime_env(config),
-                    metadata={"tool": "stylegen", "output": config.output.path})
+    _retry_transient(lambda: jobs.submit_job(entrypoint=entrypoint(), submission_id=sub_id,
+                                             runtime_env=runtime_env(config),
+                                             metadata={"tool": "stylegen", "output": config.output.path}))
     return sub_id, True
+
+
+TRANSIENT = ("No available agent", "try again later", "status code 502", "status code 503", "status code 504")
+
+
+def _retry_transient(call, attempts: int = 12, delay: float = 2.0):
+    """Retry a Jobs API call while the cluster says it is not ready yet (a head still starting its agents)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except RuntimeError as exc:
+            if attempt == attempts - 1 or not any(t in str(exc) for t in TRANSIENT):
+                raise
+            log.info("Ray Jobs API not ready (%s); retrying in %.0fs", str(exc)[:120], delay)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 15.0)
 
 
 def _status_or_none(jobs, sub_id: str) -> str | None:

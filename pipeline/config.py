@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -71,10 +79,12 @@ class PairingConfig(_Strict):
 
 
 class DecodeConfig(_Strict):
-    """Input decoding: the pixel limit guards against decompression bombs; max_side bounds work per sample."""
+    """Input decoding: the pixel limit guards against decompression bombs; max_side bounds work per sample;
+    max_aspect refuses slivers (longer side / shorter side) that no operator can use."""
 
     max_side: int = Field(512, ge=8, le=16384)
     max_pixels: int = Field(64_000_000, ge=64, le=1_000_000_000)
+    max_aspect: float = Field(20.0, ge=1, le=100_000)
 
 
 class OperatorConfig(_Strict):
@@ -97,6 +107,16 @@ class OperatorConfig(_Strict):
             raise ValueError(f"unknown operator {value!r}; known: {', '.join(operator_names())}")
         return value
 
+    @field_validator("model")
+    @classmethod
+    def _loadable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Refuse at start-up a model that can never load (``tiny:nope``, a missing directory)."""
+        from operators.models import OPERATOR_TINY_KINDS, check_model_spec
+
+        if value is not None:
+            check_model_spec(value, OPERATOR_TINY_KINDS.get(info.data.get("name", "")))
+        return value
+
 
 class ScoringConfig(_Strict):
     clip_model: str = "ViT-B-32"
@@ -107,6 +127,26 @@ class ScoringConfig(_Strict):
     actors: tuple[int, int] = (1, 1)
 
     _check_actors = field_validator("actors", mode="before")(_actors)
+
+    @field_validator("clip_model")
+    @classmethod
+    def _clip_loadable(cls, value: str) -> str:
+        """``tiny:<kind>`` must be ``tiny:clip`` and a local directory must exist; open_clip names are checked
+        where the model loads (listing them here would import open_clip and torch)."""
+        from operators.models import check_model_spec, looks_local
+
+        if value.startswith("tiny:") or looks_local(value):
+            check_model_spec(value, ("clip",))
+        return value
+
+    @field_validator("clip_pretrained")
+    @classmethod
+    def _weights_exist(cls, value: str) -> str:
+        from operators.models import looks_local
+
+        if looks_local(value) and not os.path.isfile(os.path.expanduser(value)):
+            raise ValueError(f"weights file not found: {value}")
+        return value
 
 
 class FilterConfig(_Strict):
@@ -136,7 +176,9 @@ class RunConfig(_Strict):
         """Hash of everything that changes an output image; part of every sample key."""
         blob = json.dumps(
             {"op": self.operator.name, "model": self.operator.model, "params": self.operator.params,
-             "decode": self.decode.model_dump()},
+             # max_aspect only refuses inputs (like the filter thresholds), it never changes an image: keeping it
+             # out of the hash keeps the keys of existing outputs.
+             "decode": self.decode.model_dump(exclude={"max_aspect"})},
             sort_keys=True,
             default=str,
         )
@@ -170,23 +212,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _format_error(err: dict[str, Any]) -> str:
     where = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-after"))
-    msg = err.get("msg", "invalid")
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown key"
     return f"{where}: {msg}" if where else msg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] | None = None):
     """Read, override and validate a YAML config; every problem becomes a one-line ConfigError.
 
     ``env:NAME`` reads the YAML text from the environment variable NAME (how cluster jobs get their config).
+    ``schema`` defaults to RunConfig (``stylegen run``); ``stylegen filter`` passes its own.
     """
     if str(path).startswith("env:"):
         name = str(path)[4:]
         text = os.environ.get(name)
         if text is None:
             raise ConfigError(f"{path}: environment variable {name} is not set")
-        return _parse(text, str(path), overrides)
+        return _parse(text, str(path), overrides, schema)
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -194,10 +237,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
-    return _parse(text, str(path), overrides)
+    return _parse(text, str(path), overrides, schema)
 
 
-def _parse(text: str, path: str, overrides: list[str] | None) -> RunConfig:
+def _parse(text: str, path: str, overrides: list[str] | None, schema: type[BaseModel] | None = None):
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -209,12 +252,12 @@ def _parse(text: str, path: str, overrides: list[str] | None) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])
-    return validate_config(data, source=str(path))
+    return validate_config(data, source=str(path), schema=schema)
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+def validate_config(data: dict[str, Any], source: str = "<config>", schema: type[BaseModel] | None = None):
     try:
-        return RunConfig.model_validate(data)
+        return (schema or RunConfig).model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         first = _format_error(errors[0])

@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
+from pipeline.card import write_card
 from pipeline.config import RunConfig
 from pipeline.plan import PlannedSample, build_plan
+from pipeline.progress import ProgressReporter
 from pipeline.sink import OutputStore, ShardDatasink
 
 log = logging.getLogger(__name__)
@@ -124,12 +126,17 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False) -
     summary = RunSummary(planned=len(plan), skipped=len(plan) - len(todo), orphans_removed=orphans)
     summary.timings["plan_s"] = round(time.time() - started, 3)
     if todo:
+        write_card(store, {"config": config.model_dump(mode="json"), "operator_hash": config.operator_hash(),
+                           "versions": package_versions(), "dataset": {"planned": len(plan)}}, in_progress=True)
         started_ray = init_ray(address or config.ray.address, quiet=quiet)
+        progress = None if quiet else ProgressReporter(store, len(todo)).start()
         try:
             t0 = time.time()
             execute(config, todo, quiet=quiet)
             summary.timings["execute_s"] = round(time.time() - t0, 3)
         finally:
+            if progress is not None:
+                progress.stop()
             if started_ray:
                 import ray
 
@@ -143,7 +150,9 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False) -
     for key in todo_keys:
         setattr(summary, status[key], getattr(summary, status[key]) + 1)
     summary.timings["total_s"] = round(time.time() - started, 3)
-    store.write_json("run.json", run_record(config, summary, status, plan))
+    record = run_record(config, summary, status, plan)
+    store.write_json("run.json", record)
+    write_card(store, record)
     return summary
 
 

@@ -18,7 +18,7 @@ import os
 import tarfile
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -44,6 +44,13 @@ INDEX_SCHEMA = pa.schema(
         ("clip_content", pa.float64()),
         ("clip_style", pa.float64()),
         ("meta", pa.string()),
+        # Where the inputs came from, so a sample can be re-read (report) and regenerated (reproduce).
+        ("content_url", pa.string()),
+        ("content_offset", pa.int64()),
+        ("content_size", pa.int64()),
+        ("style_url", pa.string()),
+        ("style_offset", pa.int64()),
+        ("style_size", pa.int64()),
     ]
 )
 
@@ -68,8 +75,7 @@ class OutputStore:
         if not self.remote:
             for d in (self.shards, self.index, self.tmp):
                 os.makedirs(d, exist_ok=True)
-            for name in os.listdir(self.tmp):
-                os.remove(os.path.join(self.tmp, name))
+        self.clear_tmp()
         self.fs.invalidate_cache()
         indexed = {self._stem(p) for p in self._list(self.index, ".parquet")}
         orphans = [p for p in self._list(self.shards, ".tar") if self._stem(p) not in indexed]
@@ -77,6 +83,12 @@ class OutputStore:
             log.warning("removing orphan shard without index (crash before commit): %s", path)
             self.fs.rm_file(path)
         return len(orphans)
+
+    def clear_tmp(self) -> None:
+        """Remove staged files a crashed run left behind (local only; S3 stages outside the bucket)."""
+        if not self.remote and os.path.isdir(self.tmp):
+            for name in os.listdir(self.tmp):
+                os.remove(os.path.join(self.tmp, name))
 
     def _list(self, directory: str, suffix: str) -> list[str]:
         try:
@@ -140,10 +152,45 @@ class OutputStore:
         self._publish(tmp, f"{self.index}/{name}.parquet")
 
     def write_json(self, name: str, obj: Any) -> None:
+        self._ensure_layout()
         tmp = self._stage(".json")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
         self._publish(tmp, f"{self.root}/{name}")
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file under the root, or None when it does not exist."""
+        try:
+            with self.fs.open(f"{self.root}/{name}", "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def put_table(self, subdir: str, name: str, table: pa.Table) -> None:
+        """Commit ``<root>/<subdir>/<name>.parquet`` atomically (used for persisted embeddings)."""
+        self._ensure_layout()
+        directory = self.root if subdir in ("", ".") else f"{self.root}/{subdir}"
+        if not self.remote:
+            os.makedirs(directory, exist_ok=True)
+        tmp = self._stage(".parquet")
+        pq.write_table(table, tmp)
+        self._publish(tmp, f"{directory}/{name}.parquet")
+
+    def read_tables(self, subdir: str, columns: list[str] | None) -> pa.Table:
+        """All parquet files of ``<root>/<subdir>`` concatenated (an empty table when there are none)."""
+        directory = self.root if subdir in ("", ".") else f"{self.root}/{subdir}"
+        self.fs.invalidate_cache()
+        tables = []
+        for path in self._list(directory, ".parquet"):
+            with self.fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        if not tables:
+            return pa.table({c: pa.array([], pa.string()) for c in (columns or ["key"])})
+        return pa.concat_tables(tables, promote_options="default")
+
+    def _ensure_layout(self) -> None:
+        if not self.remote and self.tmp and not os.path.isdir(self.tmp):
+            os.makedirs(self.tmp, exist_ok=True)
 
 
 def _fsync_dir(path: str) -> None:
@@ -215,9 +262,13 @@ def index_rows(rows: list[dict[str, Any]], shard: str | None) -> pa.Table:
     return pa.Table.from_pylist(out, schema=INDEX_SCHEMA)
 
 
-def commit_rows(store: OutputStore, rows: list[dict[str, Any]], output: OutputConfig) -> dict[str, int]:
+def commit_rows(store: OutputStore, rows: list[dict[str, Any]], output: OutputConfig,
+                make_sample: Callable[[dict[str, Any], OutputConfig], dict[str, bytes | str]] | None = None,
+                ) -> dict[str, int]:
     """Split rows (in key order) into even shards of ``samples_per_shard`` to ``2*samples_per_shard - 1``
-    rows (fewer only when fewer rows are left) and commit each."""
+    rows (fewer only when fewer rows are left) and commit each. ``make_sample`` builds a kept row's tar
+    members (default :func:`to_sample`; ``stylegen filter`` copies the original members instead)."""
+    make_sample = make_sample or to_sample
     rows = sorted(rows, key=lambda r: r["key"])
     counts = {"kept": 0, "rejected": 0, "failed": 0, "shards": 0}
     n_chunks = max(1, len(rows) // output.samples_per_shard)
@@ -226,7 +277,8 @@ def commit_rows(store: OutputStore, rows: list[dict[str, Any]], output: OutputCo
         chunk = rows[lo:hi]
         name = shard_name(r["key"] for r in chunk)
         kept = [r for r in chunk if r["status"] == "kept"]
-        store.commit(name, [to_sample(r, output) for r in kept], index_rows(chunk, f"{name}.tar" if kept else None))
+        store.commit(name, [make_sample(r, output) for r in kept],
+                     index_rows(chunk, f"{name}.tar" if kept else None))
         for r in chunk:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         counts["shards"] += 1 if kept else 0
