@@ -119,7 +119,7 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False) -
     """Run (or resume) the configured job and return its summary; ``run.json`` records it."""
     started = time.time()
     plan = build_plan(config)
-    store = OutputStore(config.output.path)
+    store = OutputStore(config.output.path, fsync=config.output.fsync)
     orphans = store.prepare()
     done = store.done_keys()
     todo = [s for s in plan if s.key not in done]
