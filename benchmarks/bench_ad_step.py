@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("reference %.2f ms/step, fast %.2f ms/step, ratio %.3f (target <= 0.8)",
              ref_s * 1e3, fast_s * 1e3, fast_s / ref_s)
     sys.stdout.write(json.dumps(result) + "\n")
+    from benchmarks.common import report
+
+    report("AD step: fast path vs reference", ratio=fast_s / ref_s, target="<= 0.8", ok=fast_s / ref_s <= 0.8,
+           what=f"time per AD step ({args.model}, {args.device}, {args.threads} thread(s))",
+           reference_ms_per_step=round(ref_s * 1e3, 2), fast_ms_per_step=round(fast_s * 1e3, 2))
     return result
 
 

@@ -33,7 +33,9 @@ def config(out: Path, styles: int):
         "pairing": {"styles_per_content": styles},
         "decode": {"max_side": 256},
         "operator": {"name": "color-transfer", "batch_size": 4, "actors": [1, 1]},
-        "scoring": {"clip_model": "ViT-B-32", "clip_pretrained": "none", "batch_size": 16, "actors": [1, 1]},
+        # num_cpus 2: Ray gives an actor OMP_NUM_THREADS = num_cpus, and the bare loop's torch uses both cores.
+        "scoring": {"clip_model": "ViT-B-32", "clip_pretrained": "none", "batch_size": 16, "actors": [1, 1],
+                    "num_cpus": 2},
     })
 
 

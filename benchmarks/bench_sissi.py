@@ -243,6 +243,15 @@ def main() -> None:
         "targets": {"time_ratio": 1.25, "peak_memory_ratio": 1.3},
     }
     print(json.dumps(report))
+    from benchmarks.common import report as bench_report
+
+    op_time, op_mem = operator["time_ratio"], operator["peak_memory_ratio"]
+    what = f"whole operator, {report['model']}, {args.panel}-px panels, {args.steps} steps ({report['time_measure']})"
+    bench_report("Sissi: DSSI dynamic vs stock attention", ratio=op_time, target="<= 1.25", ok=op_time <= 1.25,
+                 what=what, peak_memory_ratio=op_mem,
+                 transformer_forward_time_ratio=report["transformer_forward"].get("time_ratio"))
+    bench_report("Sissi: DSSI peak memory vs stock", ratio=op_mem, target="<= 1.3", ok=op_mem <= 1.3,
+                 what="whole-operator peak memory ratio", time_ratio=op_time)
 
 
 if __name__ == "__main__":
