@@ -87,16 +87,22 @@ class DecodeConfig(_Strict):
     max_aspect: float = Field(20.0, ge=1, le=100_000)
 
 
-class OperatorConfig(_Strict):
-    name: str = "color-transfer"
-    model: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    batch_size: int = Field(1, ge=1, le=4096)
+class _ActorPool(_Strict):
+    """Resources of one Ray actor pool: per-actor GPUs and CPUs (Ray sets OMP_NUM_THREADS to num_cpus) and
+    the pool size [min, max]."""
+
     num_gpus: float = Field(0, ge=0, le=64)
     num_cpus: float = Field(1, gt=0, le=256)
     actors: tuple[int, int] = (1, 1)
 
     _check_actors = field_validator("actors", mode="before")(_actors)
+
+
+class OperatorConfig(_ActorPool):
+    name: str = "color-transfer"
+    model: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(1, ge=1, le=4096)
 
     @field_validator("name")
     @classmethod
@@ -118,15 +124,10 @@ class OperatorConfig(_Strict):
         return value
 
 
-class ScoringConfig(_Strict):
+class ScoringConfig(_ActorPool):
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "none"
     batch_size: int = Field(32, ge=1, le=65536)
-    num_gpus: float = Field(0, ge=0, le=64)
-    num_cpus: float = Field(1, gt=0, le=256)
-    actors: tuple[int, int] = (1, 1)
-
-    _check_actors = field_validator("actors", mode="before")(_actors)
 
     @field_validator("clip_model")
     @classmethod

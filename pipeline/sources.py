@@ -18,6 +18,7 @@ ranged read.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import posixpath
 import re
 import tarfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import braceexpand
@@ -153,16 +155,28 @@ def _unreadable(key: str, spec: str, exc: Exception) -> SourceError:
     return SourceError(f"{key}: cannot read {spec} ({exc.__class__.__name__}: {exc})")
 
 
+def _named_errors(read: Callable[[str, str], list[SourceItem]]) -> Callable[..., list[SourceItem]]:
+    """Any failure while listing a source (network, permissions, a file that vanished) becomes a SourceError
+    naming the config key, so the CLI can print one line and exit 2."""
+
+    @functools.wraps(read)
+    def wrapper(spec: str, key: str) -> list[SourceItem]:
+        try:
+            return read(spec, key)
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise _unreadable(key, spec, exc) from None
+
+    return wrapper
+
+
 def read_prompts(spec: str, key: str = "content.prompts") -> list[SourceItem]:
     """Read a prompt list (``.txt``, ``.jsonl``, ``.parquet``); any failure is a SourceError naming the key."""
-    try:
-        return _read_prompts(spec, key)
-    except SourceError:
-        raise
-    except Exception as exc:  # network, permissions, a file that vanished while listing
-        raise _unreadable(key, spec, exc) from None
+    return _read_prompts(spec, key)
 
 
+@_named_errors
 def _read_prompts(spec: str, key: str) -> list[SourceItem]:
     urls = _expand(spec)
     if not urls:
@@ -188,18 +202,10 @@ def _read_prompts(spec: str, key: str) -> list[SourceItem]:
     return items
 
 
+@_named_errors
 def read_images(spec: str, key: str) -> list[SourceItem]:
     """Read an image source of any supported kind into items (no pixels are read); any failure is a
     SourceError naming the key."""
-    try:
-        return _read_images(spec, key)
-    except SourceError:
-        raise
-    except Exception as exc:  # network, permissions, a file that vanished while listing
-        raise _unreadable(key, spec, exc) from None
-
-
-def _read_images(spec: str, key: str) -> list[SourceItem]:
     fs, path = get_fs(spec)
     if not _is_glob(path) and "{" not in spec:
         _check_exists(spec, key)
