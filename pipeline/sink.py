@@ -28,31 +28,17 @@ from ray.data.block import Block, BlockAccessor
 
 from pipeline.config import OutputConfig
 from pipeline.fs import get_fs, is_remote
+from pipeline.stages import ROW_SCHEMA
 
 log = logging.getLogger(__name__)
 
-INDEX_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("shard", pa.string()),
-        ("prompt", pa.string()),
-        ("content_id", pa.string()),
-        ("style_id", pa.string()),
-        ("seed", pa.int64()),
-        ("clip_content", pa.float64()),
-        ("clip_style", pa.float64()),
-        ("meta", pa.string()),
-        # Where the inputs came from, so a sample can be re-read (report) and regenerated (reproduce).
-        ("content_url", pa.string()),
-        ("content_offset", pa.int64()),
-        ("content_size", pa.int64()),
-        ("style_url", pa.string()),
-        ("style_offset", pa.int64()),
-        ("style_size", pa.int64()),
-    ]
-)
+# The index columns, in order; every one but `shard` is a column of the rows the stages pass along. The input
+# locations let a sample be re-read (report) and regenerated (reproduce).
+INDEX_COLUMNS = ("key", "status", "reason", "shard", "prompt", "content_id", "style_id", "seed", "clip_content",
+                 "clip_style", "meta", "content_url", "content_offset", "content_size", "style_url", "style_offset",
+                 "style_size")
+INDEX_SCHEMA = pa.schema([pa.field("shard", pa.string()) if name == "shard" else ROW_SCHEMA.field(name)
+                          for name in INDEX_COLUMNS])
 
 TAR_MTIME = 0  # fixed member times: the same samples always give the same tar bytes
 
