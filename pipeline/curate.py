@@ -284,10 +284,10 @@ def copy_members(row: dict[str, Any], out: OutputConfig) -> dict[str, bytes | st
 def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = False):
     """Run (or resume) a filter job; returns a RunSummary and writes ``run.json``."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     from operators.clip_score import resolve_clip
-    from pipeline.run import RunSummary, _gpu_args, init_ray, package_versions
+    from pipeline.run import RunSummary, _gpu_args, configure_data_context, init_ray, package_versions, tally
 
     started = time.time()
     plan = plan_inputs(cfg)
@@ -313,9 +313,7 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     try:
         if to_embed or to_write:
             started_ray = init_ray(address or cfg.ray.address, quiet=quiet)
-            ctx = DataContext.get_current()
-            ctx.enable_progress_bars = not quiet
-            ctx.wait_for_min_actors_s = cfg.ray.wait_for_actors_s
+            configure_data_context(cfg.ray.wait_for_actors_s, quiet)
         if to_embed:
             emb_store.write_json("_model.json", {"clip": model_id})
             sc = cfg.scoring
@@ -342,22 +340,14 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     finally:
         if started_ray:
             ray.shutdown()
-    status = dict(zip(*(store.read_index(["key", "status"]).column(c).to_pylist() for c in ("key", "status")),
-                      strict=True))
-    for r in to_write:
-        setattr(summary, status[r["key"]], getattr(summary, status[r["key"]]) + 1)
+    dataset = tally(store, summary, [r["key"] for r in to_write], {r["key"] for r in plan})
     summary.timings["total_s"] = round(time.time() - started, 3)
     _, _, meaningful = resolve_clip(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
-    planned = {r["key"] for r in plan}
-    totals: dict[str, int] = {}
-    for key, st in status.items():
-        if key in planned:
-            totals[st] = totals.get(st, 0) + 1
     store.write_json("run.json", {
         "kind": "filter", "config": cfg.model_dump(mode="json"), "filter_hash": cfg.filter_hash(),
         "versions": package_versions(), "this_run": asdict(summary),
         "counters": {"clip_images_encoded": len(to_embed), "embeddings_reused": len(plan) - len(to_embed)},
-        "dataset": {"planned": len(plan), **totals}, "scores_meaningful": meaningful,
+        "dataset": dataset, "scores_meaningful": meaningful,
     })
     return summary
 

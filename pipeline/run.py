@@ -75,17 +75,41 @@ def _gpu_args(num_gpus: float) -> dict[str, float]:
     return {"num_gpus": num_gpus} if num_gpus > 0 else {}
 
 
-def execute(config: RunConfig, todo: list[PlannedSample], quiet: bool = False) -> None:
-    """Stream ``todo`` through decode -> stylize -> score/filter -> sink on the current Ray cluster."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
-    from pipeline.stages import Scorer, Stylizer, decode_batch
+def configure_data_context(wait_for_actors_s: int, quiet: bool) -> None:
+    """Ray Data settings every job shares: progress output, and waiting for each pool's minimum actors."""
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet
-    ctx.wait_for_min_actors_s = config.ray.wait_for_actors_s
+    ctx.wait_for_min_actors_s = wait_for_actors_s
+
+
+def tally(store: OutputStore, summary: RunSummary, todo_keys: list[str], planned_keys: set[str]) -> dict[str, int]:
+    """Count this run's outcomes into ``summary`` from the committed index and return the dataset totals over
+    the planned keys; a key of this run without an index row is an error (the invariant of DESIGN §5)."""
+    index = store.read_index(["key", "status"])
+    status = dict(zip(index.column("key").to_pylist(), index.column("status").to_pylist(), strict=True))
+    missing = [k for k in todo_keys if k not in status]
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned samples have no index row after the run (e.g. {missing[0]})")
+    for key in todo_keys:
+        setattr(summary, status[key], getattr(summary, status[key]) + 1)
+    totals = {"kept": 0, "rejected": 0, "failed": 0}
+    for key, st in status.items():
+        if key in planned_keys:
+            totals[st] = totals.get(st, 0) + 1
+    return {"planned": len(planned_keys), **totals, "complete": sum(totals.values()) == len(planned_keys)}
+
+
+def execute(config: RunConfig, todo: list[PlannedSample], quiet: bool = False) -> None:
+    """Stream ``todo`` through decode -> stylize -> score/filter -> sink on the current Ray cluster."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.stages import Scorer, Stylizer, decode_batch
+
+    configure_data_context(config.ray.wait_for_actors_s, quiet)
     op, sc = config.operator, config.scoring
     # One block per operator batch (capped) so that every stylize actor gets work from the start.
     blocks = min(MAX_BLOCKS, max(1, math.ceil(len(todo) / op.batch_size)))
@@ -141,37 +165,24 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False) -
                 import ray
 
                 ray.shutdown()
-    index = store.read_index(["key", "status"])
-    status = dict(zip(index.column("key").to_pylist(), index.column("status").to_pylist(), strict=True))
-    todo_keys = [s.key for s in todo]
-    missing = [k for k in todo_keys if k not in status]
-    if missing:
-        raise RuntimeError(f"{len(missing)} planned samples have no index row after the run (e.g. {missing[0]})")
-    for key in todo_keys:
-        setattr(summary, status[key], getattr(summary, status[key]) + 1)
+    dataset = tally(store, summary, [s.key for s in todo], {s.key for s in plan})
     summary.timings["total_s"] = round(time.time() - started, 3)
-    record = run_record(config, summary, status, plan)
+    record = run_record(config, summary, dataset)
     store.write_json("run.json", record)
     write_card(store, record)
     return summary
 
 
-def run_record(config: RunConfig, summary: RunSummary, status: dict[str, str],
-               plan: list[PlannedSample]) -> dict[str, Any]:
+def run_record(config: RunConfig, summary: RunSummary, dataset: dict[str, int]) -> dict[str, Any]:
     from operators.clip_score import resolve_clip
 
-    planned_keys = {s.key for s in plan}
-    totals = {"kept": 0, "rejected": 0, "failed": 0}
-    for key, st in status.items():
-        if key in planned_keys:
-            totals[st] = totals.get(st, 0) + 1
     _, _, meaningful = resolve_clip(config.scoring.clip_model, config.scoring.clip_pretrained)
     return {
         "config": config.model_dump(mode="json"),
         "operator_hash": config.operator_hash(),
         "versions": package_versions(),
         "this_run": asdict(summary),
-        "dataset": {"planned": len(plan), **totals, "complete": sum(totals.values()) == len(plan)},
+        "dataset": dataset,
         "scores_meaningful": meaningful,
         "scores_note": None if meaningful else
         "CLIP weights are random (clip_pretrained: none or a tiny model): scores are meaningless",
