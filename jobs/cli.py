@@ -37,12 +37,50 @@ def _load(config: Path, overrides: list[str] | None, schema=None):
         _fail(str(exc))
 
 
-def _unexpected(exc: Exception, debug: bool) -> None:
-    """Anything else that stops a run: one line and exit 1; ``--debug`` shows the traceback instead."""
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError at the root of ``exc`` (Ray wraps a task's exception as ``.cause``), if there is one."""
+    seen = set()
+    found = None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and (exc.errno is not None or exc.filename):
+            found = exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return found
+
+
+def _unexpected(exc: Exception, debug: bool, output: str = "") -> None:
+    """Anything else that stops a run: one line and exit 1; ``--debug`` shows the traceback instead. An OSError
+    (disk full, permission, quota) reads ``error: <path>: <strerror>``."""
     if debug:
         raise exc
+    os_error = _os_error(exc)
+    if os_error is not None:
+        path = os_error.filename or output
+        text = os_error.strerror or str(os_error)
+        _fail(f"{path}: {text}" if path else text, code=1)
     first = (str(exc).strip().splitlines() or [""])[0][:500]
     _fail(f"run failed: {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)", code=1)
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT: unwinds the run (Ray shut down, lease released) like KeyboardInterrupt does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def _stop_cleanly() -> None:
+    """Turn SIGTERM and SIGINT into :class:`Stopped` for the duration of a run (the main thread only)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
 
 
 def _check_sources(config: Path, cfg) -> int:
@@ -69,9 +107,14 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress outpu
 DebugOpt = Annotated[bool, typer.Option(help="Show tracebacks")]
 
 
-def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bool) -> None:
-    """Shared by `run` and `filter`: logging, the output check, one-line errors, the summary line."""
+def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bool,
+             retry_failed: str | None = None) -> None:
+    """Shared by `run` and `filter`: logging, the output check, the writer lease, one-line errors, a clean stop
+    on SIGTERM/SIGINT (exit 143/130), the summary line."""
+    import signal
+
     from pipeline.config import ConfigError
+    from pipeline.lease import LeaseHeld
     from pipeline.sources import SourceError, check_output
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
@@ -79,34 +122,85 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     if not debug:  # "Found credentials in environment variables" before an error would break its one line
         for name in ("botocore", "aiobotocore", "s3fs"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    _stop_cleanly()
     try:
         check_output(cfg.output.path)
-        summary = job(cfg, address=address, quiet=quiet)
+        summary = job(cfg, address=address, quiet=quiet, retry_failed=retry_failed)
     except (SourceError, ConfigError) as exc:
         if debug:
             raise
         _fail(f"{config}: {exc}")
+    except LeaseHeld as exc:
+        _fail(str(exc))
+    except Stopped as exc:
+        name = signal.Signals(exc.signum).name
+        _fail(f"stopped by {name}; rerun the same command to resume", code=128 + exc.signum)
     except Exception as exc:
-        _unexpected(exc, debug)
+        _unexpected(exc, debug, cfg.output.path)
     typer.echo(summary.line())
+
+
+RetryOpt = Annotated[str | None, typer.Option(
+    "--retry-failed", flag_value="", metavar="[SUBSTRING]",
+    help="Re-plan failed samples (only those whose reason contains SUBSTRING, when given)")]
 
 
 @app.command()
 def run(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
-        debug: DebugOpt = False) -> None:
+        debug: DebugOpt = False, retry_failed: RetryOpt = None) -> None:
     """Run (or resume) a generation job."""
     from pipeline.run import run as run_job
 
-    _execute(config, _load(config, set_), run_job, address, quiet, debug)
+    _execute(config, _load(config, set_), run_job, address, quiet, debug, retry_failed)
 
 
 @app.command("filter")
 def filter_(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
-            debug: DebugOpt = False) -> None:
+            debug: DebugOpt = False, retry_failed: RetryOpt = None) -> None:
     """CLIP quality filtering of existing WebDataset shards (run or resume)."""
     from pipeline.curate import FilterRunConfig, curate
 
-    _execute(config, _load(config, set_, schema=FilterRunConfig), curate, address, quiet, debug)
+    _execute(config, _load(config, set_, schema=FilterRunConfig), curate, address, quiet, debug, retry_failed)
+
+
+@app.command()
+def verify(
+    output: Annotated[str, typer.Argument(help="Output path or s3:// URL")],
+    repair: Annotated[bool, typer.Option("--repair", help="Move damaged files to OUTPUT/_quarantine/")] = False,
+    lease_ttl_s: Annotated[float, typer.Option(help="S3 lease TTL while repairing")] = 120.0,
+) -> None:
+    """Check the output contract; list every problem with its file. Exit 0 when clean (after --repair: when
+    nothing is left to repair), 1 otherwise."""
+    from pipeline.integrity import check
+    from pipeline.integrity import repair as quarantine
+    from pipeline.lease import Lease, LeaseHeld
+    from pipeline.sink import OutputStore
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    store = OutputStore(output)
+    if not store.fs.exists(store.index) and not store.fs.exists(store.shards):
+        _fail(f"{output}: not a stylegen output (no index/ or shards/)")
+    try:
+        lease = Lease(output, ttl_s=lease_ttl_s).acquire() if repair else None
+    except LeaseHeld as exc:
+        _fail(str(exc))
+    try:
+        problems = check(store, deep=True)
+        for problem in problems:
+            typer.echo(problem.line())
+        if repair and problems:
+            moved = quarantine(store, problems)
+            typer.echo(f"repaired: moved {len(moved)} files to {store.url}/_quarantine/; "
+                       "the next run redoes their samples")
+            problems = check(store, deep=True)
+            for problem in problems:
+                typer.echo(f"still: {problem.line()}")
+    finally:
+        if lease is not None:
+            lease.release()
+    rows = len(store.read_index(["key"], skip_damaged=True))
+    typer.echo(f"{'ok' if not problems else 'problems'}: {len(problems)} problems, {rows} index rows in {output}")
+    raise typer.Exit(1 if problems else 0)
 
 
 AddressOpt = Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265")]

@@ -54,6 +54,9 @@ class OutputConfig(_Strict):
     include_inputs: bool = False
     # fsync each staged file before the rename: survives power loss, not just a killed process.
     fsync: bool = True
+    # S3 writer lease: renewed every ttl/4 while the run lives; a lease not renewed for this long belongs to a
+    # crashed run and is taken over (local outputs use a kernel lock, released when the holder dies).
+    lease_ttl_s: float = Field(120.0, ge=2, le=86_400)
 
 
 class ContentConfig(_Strict):

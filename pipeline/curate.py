@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline.config import (
@@ -35,6 +36,8 @@ from pipeline.config import (
     _Strict,
 )
 from pipeline.fs import read_range
+from pipeline.integrity import failed_mask, quarantine_unreadable, supersede
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.selection import Candidate, basic_reason, near_duplicates, top_fraction_keys
 from pipeline.sink import OutputStore, commit_rows, shard_name
 from pipeline.sources import IMAGE_EXTS, PROMPT_COLUMNS, SourceError, _expand, _id_root, _relative_id
@@ -281,24 +284,63 @@ def copy_members(row: dict[str, Any], out: OutputConfig) -> dict[str, bytes | st
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
-def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = False):
-    """Run (or resume) a filter job; returns a RunSummary and writes ``run.json``."""
+def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = False,
+           retry_failed: str | None = None):
+    """Run (or resume) a filter job under the writer leases of its output and (when it embeds) of its embeddings
+    store; returns a RunSummary and writes ``run.json``. ``retry_failed`` re-plans failed samples (those whose
+    reason contains it; "" for all), embeddings included."""
+    with Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s):
+        emb_lease = Lease(cfg.embeddings_path(), ttl_s=cfg.output.lease_ttl_s)
+        try:
+            emb_lease.acquire()
+        except LeaseHeld as exc:  # another filter embeds into a shared store: fine while we only read it
+            emb_lease = None
+            held = exc
+        else:
+            held = None
+        try:
+            return _curate(cfg, address=address, quiet=quiet, retry_failed=retry_failed, emb_held=held)
+        finally:
+            if emb_lease is not None:
+                emb_lease.release()
+
+
+def _curate(cfg: FilterRunConfig, *, address: str | None, quiet: bool, retry_failed: str | None,
+            emb_held: LeaseHeld | None):
     import ray
     from ray.data import ActorPoolStrategy
 
     from operators.clip_score import resolve_clip
-    from pipeline.run import RunSummary, _gpu_args, configure_data_context, init_ray, package_versions, tally
+    from pipeline.run import (
+        RunSummary,
+        _gpu_args,
+        configure_data_context,
+        init_ray,
+        open_output,
+        package_versions,
+        tally,
+    )
 
     started = time.time()
     plan = plan_inputs(cfg)
     store = OutputStore(cfg.output.path, fsync=cfg.output.fsync)
-    store.prepare()
     previous = store.read_json("run.json")
     if previous and store.index_files() and previous.get("filter_hash") != cfg.filter_hash():
         raise ConfigError(f"output.path: {cfg.output.path} already holds a filter run with other settings; use a new "
                           "output path (set embeddings.path to reuse its embeddings)")
+    opened = open_output(store, None)
     emb_store = OutputStore(cfg.embeddings_path(), fsync=cfg.output.fsync)
-    emb_store.clear_tmp()
+    if emb_held is None:
+        emb_store.clear_tmp()
+        quarantine_unreadable(emb_store, ".")
+    if retry_failed is not None:
+        retried = set(supersede(store, "index", failed_mask(retry_failed)))
+        opened["retried"] = len(retried)
+        if retried:
+            if emb_held is not None:
+                raise emb_held
+            supersede(emb_store, ".", lambda t: pc.fill_null(pc.is_in(t.column("key"), pa.array(sorted(retried))),
+                                                             False))
     emb_model = emb_store.read_json("_model.json")
     model_id = [cfg.scoring.clip_model, cfg.scoring.clip_pretrained]
     if emb_model and emb_model.get("clip") != model_id:
@@ -308,13 +350,15 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     done = store.done_keys()
     to_embed = [r for r in plan if r["key"] not in embedded]
     to_write = [r for r in plan if r["key"] not in done]
-    summary = RunSummary(planned=len(plan), skipped=len(plan) - len(to_write))
+    summary = RunSummary(planned=len(plan), skipped=len(plan) - len(to_write), **opened)
     started_ray = False
     try:
         if to_embed or to_write:
             started_ray = init_ray(address or cfg.ray.address, quiet=quiet)
             configure_data_context(cfg.ray.wait_for_actors_s, quiet)
         if to_embed:
+            if emb_held is not None:
+                raise emb_held
             emb_store.write_json("_model.json", {"clip": model_id})
             sc = cfg.scoring
             ds = ray.data.from_items(to_embed, override_num_blocks=max(1, math.ceil(len(to_embed) / sc.batch_size)))

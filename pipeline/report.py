@@ -81,7 +81,7 @@ def reason_kind(reason: str | None) -> str:
 # ---- reading the output ---------------------------------------------------------------------------------------
 def read_rows(store: OutputStore) -> list[dict[str, Any]]:
     """All index rows, tolerating index files written before newer columns existed."""
-    table = store.read_tables("index", None)
+    table = store.read_tables("index", None, skip_damaged=True)
     if "status" not in table.column_names:
         return []
     return table.to_pylist()

@@ -69,7 +69,7 @@ def find_row(store: OutputStore, key: str) -> dict[str, Any]:
     """The key's index row (UnknownKey when it has none)."""
     import pyarrow.compute as pc
 
-    table = store.read_tables("index", None)
+    table = store.read_tables("index", None, skip_damaged=True)
     if "key" in table.column_names:
         rows = table.filter(pc.equal(table.column("key"), key)).to_pylist()
         if rows:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -16,6 +18,8 @@ from typing import Any
 
 from pipeline.card import write_card
 from pipeline.config import RunConfig
+from pipeline.integrity import failed_mask, startup_repair, supersede
+from pipeline.lease import Lease
 from pipeline.plan import PlannedSample, build_plan
 from pipeline.progress import ProgressReporter
 from pipeline.sink import OutputStore, ShardDatasink
@@ -35,6 +39,8 @@ class RunSummary:
     failed: int = 0
     skipped: int = 0
     orphans_removed: int = 0
+    repaired: int = 0  # damaged files found at start-up and quarantined (their samples redone)
+    retried: int = 0  # failed rows superseded by --retry-failed
     timings: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -58,6 +64,20 @@ def init_ray(address: str | None, quiet: bool = False) -> bool:
 
     if ray.is_initialized():
         return False
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        _ray_init(address, quiet)
+    finally:  # ray.init installs handlers of its own; the caller's (a clean stop on SIGTERM/SIGINT) win
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    return True
+
+
+def _ray_init(address: str | None, quiet: bool) -> None:
+    import ray
+
     if address:
         ray.init(address=address, log_to_driver=not quiet)
     else:
@@ -67,7 +87,6 @@ def init_ray(address: str | None, quiet: bool = False) -> bool:
         # happens to run on this machine.
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=not quiet)
-    return True
 
 
 def _gpu_args(num_gpus: float) -> dict[str, float]:
@@ -139,15 +158,33 @@ def execute(config: RunConfig, todo: list[PlannedSample], quiet: bool = False) -
     ds.write_datasink(ShardDatasink(config.output.model_dump()))
 
 
-def run(config: RunConfig, *, address: str | None = None, quiet: bool = False) -> RunSummary:
-    """Run (or resume) the configured job and return its summary; ``run.json`` records it."""
+def open_output(store: OutputStore, retry_failed: str | None) -> dict[str, int]:
+    """Start-up under the lease: orphans removed, damage quarantined, and with ``retry_failed`` (a reason
+    substring, "" for all) the failed rows superseded so that their samples are planned again."""
+    counts = {"orphans_removed": store.prepare(), "repaired": startup_repair(store), "retried": 0}
+    if retry_failed is not None:
+        counts["retried"] = len(supersede(store, "index", failed_mask(retry_failed)))
+        log.info("retrying %d failed samples%s", counts["retried"],
+                 f" whose reason contains {retry_failed!r}" if retry_failed else "")
+    return counts
+
+
+def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
+        retry_failed: str | None = None) -> RunSummary:
+    """Run (or resume) the configured job under the output's writer lease and return its summary; ``run.json``
+    records it. ``retry_failed`` re-plans failed samples (those whose reason contains it; "" for all)."""
+    with Lease(config.output.path, ttl_s=config.output.lease_ttl_s):
+        return _run(config, address=address, quiet=quiet, retry_failed=retry_failed)
+
+
+def _run(config: RunConfig, *, address: str | None, quiet: bool, retry_failed: str | None) -> RunSummary:
     started = time.time()
     plan = build_plan(config)
     store = OutputStore(config.output.path, fsync=config.output.fsync)
-    orphans = store.prepare()
+    opened = open_output(store, retry_failed)
     done = store.done_keys()
     todo = [s for s in plan if s.key not in done]
-    summary = RunSummary(planned=len(plan), skipped=len(plan) - len(todo), orphans_removed=orphans)
+    summary = RunSummary(planned=len(plan), skipped=len(plan) - len(todo), **opened)
     summary.timings["plan_s"] = round(time.time() - started, 3)
     if todo:
         write_card(store, {"config": config.model_dump(mode="json"), "operator_hash": config.operator_hash(),

@@ -33,12 +33,13 @@ from pipeline.stages import ROW_SCHEMA
 log = logging.getLogger(__name__)
 
 # The index columns, in order; every one but `shard` is a column of the rows the stages pass along. The input
-# locations let a sample be re-read (report) and regenerated (reproduce).
-INDEX_COLUMNS = ("key", "status", "reason", "shard", "prompt", "content_id", "style_id", "seed", "clip_content",
-                 "clip_style", "meta", "content_url", "content_offset", "content_size", "style_url", "style_offset",
-                 "style_size")
-INDEX_SCHEMA = pa.schema([pa.field("shard", pa.string()) if name == "shard" else ROW_SCHEMA.field(name)
-                          for name in INDEX_COLUMNS])
+# locations let a sample be re-read (report) and regenerated (reproduce). ``shard_size`` (bytes of the tar when it
+# was committed) lets a listing alone find a truncated or replaced shard.
+INDEX_COLUMNS = ("key", "status", "reason", "shard", "shard_size", "prompt", "content_id", "style_id", "seed",
+                 "clip_content", "clip_style", "meta", "content_url", "content_offset", "content_size", "style_url",
+                 "style_offset", "style_size")
+_OWN_FIELDS = {"shard": pa.field("shard", pa.string()), "shard_size": pa.field("shard_size", pa.int64())}
+INDEX_SCHEMA = pa.schema([_OWN_FIELDS.get(name) or ROW_SCHEMA.field(name) for name in INDEX_COLUMNS])
 
 TAR_MTIME = 0  # fixed member times: the same samples always give the same tar bytes
 
@@ -94,11 +95,26 @@ class OutputStore:
         self.fs.invalidate_cache()
         return self._list(self.shards, ".tar")
 
-    def read_index(self, columns: list[str] | None = None) -> pa.Table:
+    def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One parquet file; any failure to read it is a :class:`DamagedFile` naming it."""
+        try:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # truncated, garbled, wrong schema: the file is damaged, not the run
+            raise DamagedFile(path, f"unreadable parquet ({exc.__class__.__name__}: {exc})") from None
+
+    def read_index(self, columns: list[str] | None = None, *, skip_damaged: bool = False) -> pa.Table:
+        """All index rows; a damaged file raises :class:`DamagedFile`, or is skipped with a warning."""
         tables = []
         for path in self.index_files():
-            with self.fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
+            try:
+                tables.append(_conform(self.read_parquet(path, columns), columns))
+            except DamagedFile as exc:
+                if not skip_damaged:
+                    raise
+                log.warning("skipping %s (run `stylegen verify %s --repair`)", exc, self.url)
         if not tables:
             schema = INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
             return schema.empty_table()
@@ -127,12 +143,18 @@ class OutputStore:
         return os.path.join(directory, f"{uuid.uuid4().hex}{suffix}")
 
     def commit(self, name: str, samples: list[dict[str, bytes | str]], index: pa.Table) -> None:
-        """Write the shard (if any sample is kept) and then its index, each atomically."""
+        """Write the shard (if any sample is kept) and then its index, each atomically; the index records the
+        shard's size."""
         if samples:
             tmp = self._stage(".tar")
             with open(tmp, "wb") as f:
                 write_tar(f, samples)
+            size = os.path.getsize(tmp)
             self._publish(tmp, f"{self.shards}/{name}.tar")
+            if "shard_size" in index.column_names:
+                sizes = [size if shard else None for shard in index.column("shard").to_pylist()]
+                index = index.set_column(index.schema.get_field_index("shard_size"), "shard_size",
+                                         pa.array(sizes, pa.int64()))
         tmp = self._stage(".parquet")
         pq.write_table(index, tmp)
         self._publish(tmp, f"{self.index}/{name}.parquet")
@@ -162,14 +184,19 @@ class OutputStore:
         pq.write_table(table, tmp)
         self._publish(tmp, f"{directory}/{name}.parquet")
 
-    def read_tables(self, subdir: str, columns: list[str] | None) -> pa.Table:
-        """All parquet files of ``<root>/<subdir>`` concatenated (an empty table when there are none)."""
+    def read_tables(self, subdir: str, columns: list[str] | None, *, skip_damaged: bool = False) -> pa.Table:
+        """All parquet files of ``<root>/<subdir>`` concatenated (an empty table when there are none); a damaged
+        file raises :class:`DamagedFile`, or is skipped with a warning."""
         directory = self.root if subdir in ("", ".") else f"{self.root}/{subdir}"
         self.fs.invalidate_cache()
         tables = []
         for path in self._list(directory, ".parquet"):
-            with self.fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
+            try:
+                tables.append(self.read_parquet(path, columns))
+            except DamagedFile as exc:
+                if not skip_damaged:
+                    raise
+                log.warning("skipping %s", exc)
         if not tables:
             return pa.table({c: pa.array([], pa.string()) for c in (columns or ["key"])})
         return pa.concat_tables(tables, promote_options="default")
@@ -177,6 +204,23 @@ class OutputStore:
     def _ensure_layout(self) -> None:
         if not self.remote and self.tmp and not os.path.isdir(self.tmp):
             os.makedirs(self.tmp, exist_ok=True)
+
+
+class DamagedFile(OSError):
+    """A file of the output that cannot be read as what it should be; its message names it."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
+
+
+def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """An index table in today's schema: files written before a column existed get it as nulls."""
+    schema = INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def _fsync_dir(path: str) -> None:

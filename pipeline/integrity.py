@@ -1,0 +1,238 @@
+"""Damage found, never ignored (DESIGN §5): checks of the output contract, quarantine, and superseding rows.
+
+:func:`check` lists every problem of an output with the file it concerns: an index file that cannot be read, a
+key in two index files, a kept row whose shard is missing, of another size than the index recorded, unreadable,
+or holding other keys than the kept ones, and stray files (orphan shards, staged leftovers, foreign files in
+``shards/`` and ``index/``). ``deep=False`` is the cheap start-up form of ``run`` and ``filter`` (a listing and
+the index columns, no tar is read); ``stylegen verify`` reads every tar.
+
+:func:`repair` moves the files of each problem to ``OUTPUT/_quarantine/<stamp>/`` (never deletes), shard first
+and index last, so that the samples they held are no longer done and the next run redoes them.
+
+:func:`supersede` takes rows out of the index for ``--retry-failed``: the file that held them is copied to
+``OUTPUT/_superseded/<stamp>/`` and rewritten without them, so ``index/`` keeps exactly one row per key for any
+reader (plain pyarrow included) and the history stays on storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.sink import DamagedFile, OutputStore, _conform
+from pipeline.tar_index import index_open_tar
+
+log = logging.getLogger(__name__)
+
+QUARANTINE = "_quarantine"
+SUPERSEDED = "_superseded"
+CHECK_COLUMNS = ["key", "status", "shard", "shard_size"]
+
+
+@dataclass
+class Problem:
+    path: str  # the file the problem concerns
+    what: str
+    quarantine: list[str] = field(default_factory=list)  # what repair moves away, in this order
+
+    def line(self) -> str:
+        return f"{self.path}: {self.what}"
+
+
+def _stem(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def _sizes(store: OutputStore, directory: str) -> dict[str, int]:
+    try:
+        return {e["name"]: int(e.get("size") or 0) for e in store.fs.ls(directory, detail=True)
+                if e.get("type") != "directory"}
+    except FileNotFoundError:
+        return {}
+
+
+def check(store: OutputStore, *, deep: bool = True) -> list[Problem]:
+    """Every problem of the output at ``store``, in a stable order."""
+    store.fs.invalidate_cache()
+    problems: list[Problem] = []
+    shard_sizes = _sizes(store, store.shards)
+    index_paths = sorted(_sizes(store, store.index))
+    for path in index_paths:
+        if not path.endswith(".parquet"):
+            problems.append(Problem(path, "stray file in index/ (not a parquet index file)", [path]))
+    for path in sorted(shard_sizes):
+        if not path.endswith(".tar"):
+            problems.append(Problem(path, "stray file in shards/ (not a tar shard)", [path]))
+    index_paths = [p for p in index_paths if p.endswith(".parquet")]
+    stems = {_stem(p) for p in index_paths}
+    seen: dict[str, str] = {}  # key -> index file that holds it
+    for path in index_paths:
+        shard = f"{store.shards}/{_stem(path)}.tar"
+        shard_files = [shard] if shard in shard_sizes else []
+        try:
+            table = _conform(store.read_parquet(path, None), None).select(CHECK_COLUMNS)
+        except DamagedFile as exc:
+            problems.append(Problem(path, f"index file {exc.why}", [*shard_files, path]))
+            continue
+        keys = table.column("key").to_pylist()
+        twice = [k for k in keys if k in seen]
+        if twice or len(set(keys)) != len(keys):
+            other = f" (also in {seen[twice[0]]})" if twice else ""
+            problems.append(Problem(path, f"{len(twice) or len(keys) - len(set(keys))} keys are indexed twice, "
+                                          f"e.g. {(twice or keys)[0]}{other}", [*shard_files, path]))
+            continue
+        seen.update(dict.fromkeys(keys, path))
+        problem = _check_shard(store, path, table, shard, shard_sizes.get(shard), deep)
+        if problem:
+            problems.append(problem)
+    for path in sorted(p for p in shard_sizes if p.endswith(".tar") and _stem(p) not in stems):
+        problems.append(Problem(path, "orphan shard without an index file (a crash before its commit, or a commit "
+                                      "in progress)", [path]))
+    if store.tmp and os.path.isdir(store.tmp):
+        for name in sorted(os.listdir(store.tmp)):
+            path = f"{store.tmp}/{name}"
+            problems.append(Problem(path, "staged file left behind by a crashed write", [path]))
+    return problems
+
+
+def _check_shard(store: OutputStore, index_path: str, table: pa.Table, shard: str, actual: int | None,
+                 deep: bool) -> Problem | None:
+    """The problem of one index file's shard, if any: the tar must hold exactly its kept keys."""
+    rows = table.to_pylist()
+    kept = {r["key"] for r in rows if r["status"] == "kept"}
+    bad_status = [r for r in rows if r["status"] not in ("kept", "rejected", "failed")]
+    if bad_status:
+        return Problem(index_path, f"unknown status {bad_status[0]['status']!r} for key {bad_status[0]['key']}",
+                       [index_path])
+    name = shard.rsplit("/", 1)[-1]
+    elsewhere = sorted({r["shard"] for r in rows if r["status"] == "kept" and r["shard"] != name})
+    if elsewhere:
+        return Problem(index_path, f"kept rows point at {elsewhere[0]}, not at {name}", [index_path])
+    if not kept:
+        return Problem(shard, "shard whose index lists no kept sample", [shard]) if actual is not None else None
+    if actual is None:
+        return Problem(index_path, f"shard {shard} is missing ({len(kept)} kept samples)", [index_path])
+    recorded = {r["shard_size"] for r in rows if r["status"] == "kept"} - {None}
+    if recorded and actual not in recorded:
+        return Problem(shard, f"shard is {actual} bytes, the index recorded {min(recorded)} (truncated or "
+                              f"replaced)", [shard, index_path])
+    if not deep:
+        return None
+    try:
+        with store.fs.open(shard, "rb") as f:
+            tar = index_open_tar(f, shard)
+    except Exception as exc:  # not a tar at all
+        return Problem(shard, f"unreadable tar ({exc.__class__.__name__}: {exc})", [shard, index_path])
+    broken = tar.truncated or next((s.error for s in tar.samples if s.error), None)
+    if broken:
+        return Problem(shard, f"damaged tar ({broken})", [shard, index_path])
+    keys = {s.key for s in tar.samples}
+    if keys != kept:
+        return Problem(shard, f"tar holds {len(keys - kept)} keys not kept in its index and lacks "
+                              f"{len(kept - keys)} kept keys", [shard, index_path])
+    return None
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
+
+
+def move_aside(store: OutputStore, paths: list[str], folder: str, stamp: str) -> list[str]:
+    """Move files of the output to ``ROOT/<folder>/<stamp>/<their path under ROOT>``; never deletes."""
+    moved = []
+    for path in paths:
+        rel = path[len(store.root):].lstrip("/") if path.startswith(store.root) else path.rsplit("/", 1)[-1]
+        target = f"{store.root}/{folder}/{stamp}/{rel}"
+        if not store.fs.exists(path):
+            continue
+        if store.remote:
+            store.fs.mv(path, target)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(path, target)
+        moved.append(target)
+    store.fs.invalidate_cache()
+    return moved
+
+
+def repair(store: OutputStore, problems: list[Problem]) -> list[str]:
+    """Quarantine the files of every problem (log one line each); return where they went."""
+    stamp = _stamp()
+    moved = []
+    for problem in problems:
+        targets = move_aside(store, problem.quarantine, QUARANTINE, stamp)
+        if targets:
+            log.warning("repair: %s -> moved to %s/%s/%s; its samples will be redone", problem.line(), store.url,
+                        QUARANTINE, stamp)
+        moved.extend(targets)
+    return moved
+
+
+def startup_repair(store: OutputStore) -> int:
+    """The cheap checks at the start of ``run``/``filter`` (under the lease, after orphan removal); repairs
+    what they find and returns how many problems there were."""
+    problems = check(store, deep=False)
+    repair(store, problems)
+    return len(problems)
+
+
+def supersede(store: OutputStore, subdir: str, drop: Callable[[pa.Table], pa.Array]) -> list[str]:
+    """Take the rows where ``drop(table)`` is true out of every parquet file of ``ROOT/<subdir>``: the file is
+    first copied to ``_superseded/<stamp>/``, then rewritten without them (or moved there whole when nothing is
+    left). Returns the keys taken out."""
+    stamp = _stamp()
+    directory = store.root if subdir in ("", ".") else f"{store.root}/{subdir}"
+    taken: list[str] = []
+    for path in sorted(p for p in _sizes(store, directory) if p.endswith(".parquet")):
+        table = store.read_parquet(path)
+        mask = drop(table)
+        if not pc.any(mask).as_py():
+            continue
+        taken.extend(table.filter(mask).column("key").to_pylist())
+        rest = table.filter(pc.invert(mask))
+        if rest.num_rows == 0:
+            move_aside(store, [path], SUPERSEDED, stamp)
+            continue
+        rel = path[len(store.root):].lstrip("/")
+        target = f"{store.root}/{SUPERSEDED}/{stamp}/{rel}"
+        if not store.remote:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        store.fs.copy(path, target)
+        tmp = store._stage(".parquet")
+        pq.write_table(rest, tmp)
+        store._publish(tmp, path)
+    store.fs.invalidate_cache()
+    return taken
+
+
+def failed_mask(substring: str | None) -> Callable[[pa.Table], pa.Array]:
+    """Rows of the index with status ``failed`` (and, given, a reason containing ``substring``)."""
+
+    def mask(table: pa.Table) -> pa.Array:
+        failed = pc.equal(table.column("status"), "failed")
+        if substring:
+            failed = pc.and_(failed, pc.fill_null(pc.match_substring(table.column("reason"), substring), False))
+        return pc.fill_null(failed, False)
+
+    return mask
+
+
+def quarantine_unreadable(store: OutputStore, subdir: str) -> int:
+    """Quarantine every parquet file of ``ROOT/<subdir>`` that cannot be read (the embeddings store's start-up
+    check); returns how many."""
+    directory = store.root if subdir in ("", ".") else f"{store.root}/{subdir}"
+    problems = []
+    for path in sorted(p for p in _sizes(store, directory) if p.endswith(".parquet")):
+        try:
+            store.read_parquet(path, ["key"])
+        except DamagedFile as exc:
+            problems.append(Problem(path, exc.why, [path]))
+    repair(store, problems)
+    return len(problems)
