@@ -7,6 +7,7 @@ run exits 0 and prints ``planned=N kept=K rejected=R failed=F skipped=S`` as its
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -57,10 +58,24 @@ def _unexpected(exc: Exception, debug: bool, output: str = "") -> None:
     os_error = _os_error(exc)
     if os_error is not None:
         path = os_error.filename or output
-        text = os_error.strerror or str(os_error)
+        # Ray Data re-raises a task's OSError with its own text as strerror: the errno is what to trust
+        text = os.strerror(os_error.errno) if os_error.errno else os_error.strerror or str(os_error)
         _fail(f"{path}: {text}" if path else text, code=1)
     first = (str(exc).strip().splitlines() or [""])[0][:500]
     _fail(f"run failed: {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)", code=1)
+
+
+def _errors_to_log_only() -> None:
+    """Ray Data prints a failed task's tracebacks to stderr (and to its log file in the Ray session folder);
+    the CLI prints the one line that matters, so keep the tracebacks in the log file only."""
+    import ray.data  # noqa: F401  (configures the ray.data loggers, which we then adjust)
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(below_error)
 
 
 class Stopped(BaseException):
@@ -71,8 +86,20 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+_RECEIVED: list[int] = []
+
+
 def _on_signal(signum, frame) -> None:
+    # Raised wherever the main thread is; inside C code it may come back wrapped (SystemError), so the signal
+    # is also remembered here for _execute to recognise the stop.
+    _RECEIVED.append(signum)
     raise Stopped(signum)
+
+
+def _stopped(signum: int) -> None:
+    import signal
+
+    _fail(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume", code=128 + signum)
 
 
 def _stop_cleanly() -> None:
@@ -111,8 +138,6 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
              retry_failed: str | None = None) -> None:
     """Shared by `run` and `filter`: logging, the output check, the writer lease, one-line errors, a clean stop
     on SIGTERM/SIGINT (exit 143/130), the summary line."""
-    import signal
-
     from pipeline.config import ConfigError
     from pipeline.lease import LeaseHeld
     from pipeline.sources import SourceError, check_output
@@ -122,6 +147,7 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     if not debug:  # "Found credentials in environment variables" before an error would break its one line
         for name in ("botocore", "aiobotocore", "s3fs"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        _errors_to_log_only()
     _stop_cleanly()
     try:
         check_output(cfg.output.path)
@@ -133,9 +159,10 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     except LeaseHeld as exc:
         _fail(str(exc))
     except Stopped as exc:
-        name = signal.Signals(exc.signum).name
-        _fail(f"stopped by {name}; rerun the same command to resume", code=128 + exc.signum)
+        _stopped(exc.signum)
     except Exception as exc:
+        if _RECEIVED and not debug:
+            _stopped(_RECEIVED[0])
         _unexpected(exc, debug, cfg.output.path)
     typer.echo(summary.line())
 

@@ -124,11 +124,11 @@ def render_card(record: dict[str, Any], index_rows: list[dict[str, Any]], *, in_
 
 def write_text(store: OutputStore, name: str, text: str) -> None:
     """Commit a text file under the output root atomically (staged and renamed locally, one PUT on S3)."""
-    store._ensure_layout()
-    tmp = store._stage(".txt")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    store._publish(tmp, f"{store.root}/{name}")
+    def dump(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    store.write_file(f"{store.root}/{name}", dump, ".txt")
 
 
 def write_card(store: OutputStore, record: dict[str, Any], *, in_progress: bool = False) -> None:

@@ -1,27 +1,65 @@
-"""One place that turns a URL (local path or ``s3://``) into an fsspec filesystem.
+"""One place that turns a URL (local path or ``s3://``) into an fsspec filesystem, and reads bytes safely.
 
 S3 settings come from the environment (``AWS_*``, including ``AWS_ENDPOINT_URL`` for S3-compatible
 stores); credentials are never copied into configs, logs or ``run.json``.
+
+Reads never hang and never give up at the first hiccup: a local path that is not a regular file (a FIFO
+would block forever, a device would stream forever) is refused before any byte is read; S3 connections and
+reads have timeouts; and transient errors (timeouts, dropped connections, HTTP 5xx, S3 ``SlowDown``) are
+retried with exponential backoff before a sample is failed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
-from typing import Any
+import random
+import re
+import stat
+import time
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# S3 timeouts in seconds (botocore ``Config``), explicit and overridable by env; s3fs's built-in 5 s / 15 s
+# are too tight for a busy S3-compatible store, and a run must not inherit a library's default silently.
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_READ_TIMEOUT_S = 30.0
+# read_range: tries per read, and the first backoff delay (doubled after each failure).
+READ_ATTEMPTS = 4
+READ_RETRY_BASE_S = 0.2
 
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        log.warning("ignoring %s=%r (not a positive number of seconds); using %s", name, raw, default)
+        return default
+    return value
+
+
 def storage_options(url: str) -> dict[str, Any]:
     if url.startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {}
+        opts: dict[str, Any] = {"config_kwargs": {
+            "connect_timeout": _env_seconds("STYLEGEN_S3_CONNECT_TIMEOUT_S", S3_CONNECT_TIMEOUT_S),
+            "read_timeout": _env_seconds("STYLEGEN_S3_READ_TIMEOUT_S", S3_READ_TIMEOUT_S),
+        }}
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         return opts
@@ -50,9 +88,126 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
+class NotRegularFileError(OSError):
+    """A local input that is a FIFO, socket, device or folder: reading it could block or never end."""
+
+
+def file_kind(mode: int) -> str:
+    """``fifo``, ``socket``, ``directory``, ... for a ``st_mode``: names what a refused input is."""
+    for test, kind in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _not_regular(path: str, mode: int) -> NotRegularFileError:
+    return NotRegularFileError(f"not a regular file ({file_kind(mode)}): {path}")
+
+
+def open_local(path: str) -> BinaryIO:
+    """Open a local file for reading, refusing anything but a regular file (symlinks are followed).
+
+    ``stat`` first, so devices are never opened; then ``O_NONBLOCK`` so that opening a FIFO swapped in
+    meanwhile returns at once instead of waiting for a writer, and ``fstat`` refuses it before any read."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_input(url: str) -> BinaryIO:
+    """Open any URL for (seekable) reading; a local one through :func:`open_local`."""
+    fs, path = get_fs(url)
+    if is_remote(url):
+        return fs.open(path, "rb")
+    return open_local(path)
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [TimeoutError, ConnectionError]
+    try:
+        from botocore import exceptions as boto
+
+        types += [boto.ConnectionError, boto.ReadTimeoutError, boto.ConnectionClosedError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+_TRANSIENT_TYPES = _transient_types()
+_NEVER_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError, NotRegularFileError)
+# An HTTP status in a message: aiohttp ("503, message=..."), botocore ("An error occurred (503)"), s3fs.
+_TRANSIENT_TEXT = re.compile(r"\b(?:5\d\d|429)\b|SlowDown|InternalError|ServiceUnavailable|RequestTimeout|Throttl")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an error that a later try may not hit: a timeout, a dropped connection, HTTP 5xx or 429,
+    S3 throttling. Missing files and denied access are answers, not hiccups: never transient."""
+    seen = 0
+    while exc is not None and seen < 5:  # s3fs and fsspec wrap the botocore/aiohttp error as the cause
+        if isinstance(exc, _NEVER_RETRIED):
+            return False
+        status = getattr(exc, "status", None)
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            return True
+        if isinstance(exc, _TRANSIENT_TYPES) or _TRANSIENT_TEXT.search(str(exc)):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
+
+
+def retry_transient(fn: Callable[[], T], *, attempts: int = READ_ATTEMPTS, base_delay_s: float = READ_RETRY_BASE_S,
+                    what: str = "") -> T:
+    """``fn()``, tried up to ``attempts`` times while it fails with a transient error (:func:`is_transient`).
+
+    The delay doubles after each failure, with jitter so that many workers throttled together do not
+    retry in lockstep. The last error, or the first permanent one, is raised unchanged."""
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt >= attempts or not is_transient(exc):
+                raise
+            delay = base_delay_s * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+            log.warning("transient error reading %s (try %d of %d), retrying in %.2fs: %s: %s",
+                        what or "input", attempt, attempts, delay, exc.__class__.__name__, exc)
+            time.sleep(delay)
+            attempt += 1
+
+
 def read_range(url: str, offset: int = 0, size: int = -1) -> bytes:
-    """Read a whole object, or ``size`` bytes at ``offset`` (a member inside a tar)."""
+    """Read a whole object, or ``size`` bytes at ``offset`` (a member inside a tar).
+
+    A local path that is not a regular file raises :class:`NotRegularFileError` (never blocks); transient
+    remote errors are retried (:func:`retry_transient`)."""
+    if not is_remote(url):
+        return retry_transient(lambda: _read_local(os.path.abspath(url.removeprefix("file://")), offset, size),
+                               what=url)
     fs, path = get_fs(url)
     if size < 0:
-        return fs.cat_file(path)
-    return fs.cat_file(path, start=offset, end=offset + size)
+        return retry_transient(lambda: fs.cat_file(path), what=url)
+    return retry_transient(lambda: fs.cat_file(path, start=offset, end=offset + size), what=url)
+
+
+def _read_local(path: str, offset: int, size: int) -> bytes:
+    with open_local(path) as f:
+        f.seek(offset)
+        return f.read() if size < 0 else f.read(size)

@@ -205,9 +205,7 @@ def supersede(store: OutputStore, subdir: str, drop: Callable[[pa.Table], pa.Arr
         if not store.remote:
             os.makedirs(os.path.dirname(target), exist_ok=True)
         store.fs.copy(path, target)
-        tmp = store._stage(".parquet")
-        pq.write_table(rest, tmp)
-        store._publish(tmp, path)
+        store.write_file(path, lambda tmp, rest=rest: pq.write_table(rest, tmp), ".parquet")
     store.fs.invalidate_cache()
     return taken
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.fs import is_remote
 from pipeline.sources import SourceItem, read_content, read_images
 
 
@@ -116,9 +117,13 @@ def pair(
 
 
 def build_plan(config: RunConfig) -> list[PlannedSample]:
-    """Read the sources (metadata only) and pair them as the config says."""
-    contents = read_content(config.content.prompts, config.content.images)
-    styles = read_images(config.style.images, "style.images")
+    """Read the sources (metadata only) and pair them as the config says.
+
+    A local output folder is excluded from the source listings: with ``output.path`` inside a style or content
+    folder, a rerun would otherwise take its own shards and report images as inputs."""
+    exclude = [] if is_remote(config.output.path) else [config.output.path.removeprefix("file://")]
+    contents = read_content(config.content.prompts, config.content.images, exclude=exclude)
+    styles = read_images(config.style.images, "style.images", exclude=exclude)
     p = config.pairing
     return pair(
         contents,

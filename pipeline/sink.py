@@ -10,6 +10,7 @@ multipart upload), which is never visible half-written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -125,6 +126,10 @@ class OutputStore:
 
     # ---- commits ----------------------------------------------------------------------------------
     def _publish(self, local_tmp: str, final: str) -> None:
+        with _named(final):
+            self._publish_unnamed(local_tmp, final)
+
+    def _publish_unnamed(self, local_tmp: str, final: str) -> None:
         if self.remote:
             try:
                 self.fs.put_file(local_tmp, final)
@@ -142,29 +147,43 @@ class OutputStore:
         directory = self.tmp if not self.remote else tempfile.gettempdir()
         return os.path.join(directory, f"{uuid.uuid4().hex}{suffix}")
 
+    def write_file(self, final: str, write: Callable[[str], None], suffix: str = "") -> int:
+        """Stage ``write(tmp)``, then publish it atomically as ``final``; return its size. A failed write names
+        its file and leaves no staged file behind (a full disk is not made fuller)."""
+        self._ensure_layout()
+        tmp = self._stage(suffix)
+        try:
+            with _named(tmp):
+                write(tmp)
+            size = os.path.getsize(tmp)
+            self._publish(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        return size
+
     def commit(self, name: str, samples: list[dict[str, bytes | str]], index: pa.Table) -> None:
         """Write the shard (if any sample is kept) and then its index, each atomically; the index records the
         shard's size."""
         if samples:
-            tmp = self._stage(".tar")
-            with open(tmp, "wb") as f:
-                write_tar(f, samples)
-            size = os.path.getsize(tmp)
-            self._publish(tmp, f"{self.shards}/{name}.tar")
+            def tar(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    write_tar(f, samples)
+
+            size = self.write_file(f"{self.shards}/{name}.tar", tar, ".tar")
             if "shard_size" in index.column_names:
                 sizes = [size if shard else None for shard in index.column("shard").to_pylist()]
                 index = index.set_column(index.schema.get_field_index("shard_size"), "shard_size",
                                          pa.array(sizes, pa.int64()))
-        tmp = self._stage(".parquet")
-        pq.write_table(index, tmp)
-        self._publish(tmp, f"{self.index}/{name}.parquet")
+        self.write_file(f"{self.index}/{name}.parquet", lambda tmp: pq.write_table(index, tmp), ".parquet")
 
     def write_json(self, name: str, obj: Any) -> None:
-        self._ensure_layout()
-        tmp = self._stage(".json")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        self._publish(tmp, f"{self.root}/{name}")
+        def dump(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+        self.write_file(f"{self.root}/{name}", dump, ".json")
 
     def read_json(self, name: str) -> Any:
         """A JSON file under the root, or None when it does not exist."""
@@ -180,9 +199,7 @@ class OutputStore:
         directory = self.root if subdir in ("", ".") else f"{self.root}/{subdir}"
         if not self.remote:
             os.makedirs(directory, exist_ok=True)
-        tmp = self._stage(".parquet")
-        pq.write_table(table, tmp)
-        self._publish(tmp, f"{directory}/{name}.parquet")
+        self.write_file(f"{directory}/{name}.parquet", lambda tmp: pq.write_table(table, tmp), ".parquet")
 
     def read_tables(self, subdir: str, columns: list[str] | None, *, skip_damaged: bool = False) -> pa.Table:
         """All parquet files of ``<root>/<subdir>`` concatenated (an empty table when there are none); a damaged
@@ -204,6 +221,29 @@ class OutputStore:
     def _ensure_layout(self) -> None:
         if not self.remote and self.tmp and not os.path.isdir(self.tmp):
             os.makedirs(self.tmp, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _named(path: str):
+    """OSErrors of writes (disk full, quota) name the file, so the user's one line says where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise WriteError(exc.errno, exc.strerror or os.strerror(exc.errno), path) from exc
+
+
+class WriteError(OSError):
+    """An OSError that keeps its errno and path through Ray: Ray Data rewrites a task exception's ``args``
+    before pickling it, which loses both from a plain OSError."""
+
+    def __init__(self, errno: int, strerror: str, path: str):
+        super().__init__(errno, strerror, path)
+        self._saved = (errno, strerror, path)
+
+    def __reduce__(self):
+        return type(self), self._saved
 
 
 class DamagedFile(OSError):

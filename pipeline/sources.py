@@ -14,6 +14,11 @@ member cut off by truncation all become items with an ``error``, so each is a `f
 
 Tar members are indexed by offset (``pipeline.tar_index``) so that a sample's image is later read with one
 ranged read.
+
+Local folder and glob listings keep regular files only (a FIFO named ``x.png`` would hang the reader; a device
+would never end), follow a symlink only when its target stays inside the folder or glob root, and can exclude
+folders (the run's own output, so a rerun never takes its shards or report images as inputs). Each skipped file
+is named in one warning; an explicitly named input that is not a regular file is a SourceError.
 """
 
 from __future__ import annotations
@@ -24,15 +29,16 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import tarfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import braceexpand
 import pyarrow.parquet as pq
 
-from pipeline.fs import full_url, get_fs, is_remote
+from pipeline.fs import file_kind, full_url, get_fs, is_remote, open_input, read_range
 from pipeline.tar_index import index_open_tar
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,9 @@ PROMPT_COLUMNS = ("prompt", "caption", "text")
 IMAGE_COLUMNS = ("image", "path", "url", "file")
 TAR_EXTS = (".tar",)
 MANIFEST_EXTS = (".parquet", ".jsonl")
+# Default for the listing functions' ``follow_symlinks``: False follows a link only when its target stays inside
+# the listed root, so a corpus cannot pull in files from elsewhere on the machine (a home folder, /etc).
+FOLLOW_SYMLINKS = False
 
 
 # Longer prompts are refused (failed rows): far beyond any text encoder's context, and carried in every row.
@@ -95,15 +104,84 @@ def _is_glob(spec: str) -> bool:
     return any(ch in spec for ch in "*?[")
 
 
-def _expand(spec: str) -> list[str]:
-    """Brace-expand then glob a spec into concrete URLs (sorted, de-duplicated)."""
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class _LocalListing:
+    """Which listed local files may become inputs: regular files, inside ``root`` (resolved), not under an
+    ``exclude`` folder. Skips are logged: one warning per odd file, one count for the excluded folders."""
+
+    def __init__(self, key: str, root: str, exclude: Sequence[str] = (), follow_symlinks: bool = FOLLOW_SYMLINKS):
+        self.key = key
+        self.root = os.path.realpath(root)
+        self.exclude = [os.path.realpath(e) for e in exclude]
+        self.follow_symlinks = follow_symlinks
+        self.excluded = 0
+        self._real_dir = functools.lru_cache(maxsize=4096)(os.path.realpath)
+
+    def _realpath(self, path: str) -> str:
+        if os.path.islink(path):
+            return os.path.realpath(path)
+        head, tail = os.path.split(path)  # one realpath per folder, not per file: listings can be huge
+        return os.path.join(self._real_dir(head), tail)
+
+    def keep(self, path: str) -> bool:
+        try:
+            mode = os.stat(path).st_mode  # follows symlinks: a link counts as what it points to
+        except OSError as exc:
+            log.warning("%s: skipping %s: cannot stat it (%s)", self.key, path, exc.strerror or exc)
+            return False
+        if stat.S_ISDIR(mode):  # a glob matching folders: containers, not inputs
+            return False
+        if not stat.S_ISREG(mode):
+            log.warning("%s: skipping %s: not a regular file (%s)", self.key, path, file_kind(mode))
+            return False
+        real = self._realpath(path)
+        if any(_under(real, folder) for folder in self.exclude):
+            self.excluded += 1
+            return False
+        if not self.follow_symlinks and not _under(real, self.root):
+            log.warning("%s: skipping %s: it resolves to %s, outside %s", self.key, path, real, self.root)
+            return False
+        return True
+
+    def report(self) -> None:
+        if self.excluded:
+            log.warning("%s: skipped %d file(s) under the output folder %s (a run's output is never its input)",
+                        self.key, self.excluded, ", ".join(self.exclude))
+
+
+def _check_regular(url: str, key: str) -> None:
+    """An explicitly named local input must be a regular file (or a folder): refuse a FIFO before it blocks."""
+    if is_remote(url):
+        return
+    try:
+        mode = os.stat(url).st_mode
+    except OSError:
+        return  # missing or unreadable: reported by whoever reads it, with the usual message
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise SourceError(f"{key}: not a regular file ({file_kind(mode)}): {url}")
+
+
+def _expand(spec: str, key: str = "source", *, exclude: Sequence[str] = (),
+            follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[str]:
+    """Brace-expand then glob a spec into concrete URLs (sorted, de-duplicated). Local glob matches go through
+    :class:`_LocalListing`; a named local file that is not regular is a SourceError."""
     urls: list[str] = []
+    listing = None
+    if not is_remote(spec):
+        listing = _LocalListing(key, _id_root(get_fs(spec)[1]), exclude, follow_symlinks)
     for part in braceexpand.braceexpand(spec):
         fs, path = get_fs(part)
         if _is_glob(path):
-            urls.extend(full_url(fs, p) for p in sorted(fs.glob(path)))
+            urls.extend(full_url(fs, p) for p in sorted(fs.glob(path)) if listing is None or listing.keep(p))
         else:
-            urls.append(part if is_remote(part) else full_url(fs, path))
+            url = part if is_remote(part) else full_url(fs, path)
+            _check_regular(url, key)
+            urls.append(url)
+    if listing is not None:
+        listing.report()
     seen: dict[str, None] = dict.fromkeys(urls)
     return list(seen)
 
@@ -160,9 +238,9 @@ def _named_errors(read: Callable[[str, str], list[SourceItem]]) -> Callable[...,
     naming the config key, so the CLI can print one line and exit 2."""
 
     @functools.wraps(read)
-    def wrapper(spec: str, key: str) -> list[SourceItem]:
+    def wrapper(spec: str, key: str, **options) -> list[SourceItem]:
         try:
-            return read(spec, key)
+            return read(spec, key, **options)
         except SourceError:
             raise
         except Exception as exc:
@@ -171,14 +249,17 @@ def _named_errors(read: Callable[[str, str], list[SourceItem]]) -> Callable[...,
     return wrapper
 
 
-def read_prompts(spec: str, key: str = "content.prompts") -> list[SourceItem]:
-    """Read a prompt list (``.txt``, ``.jsonl``, ``.parquet``); any failure is a SourceError naming the key."""
-    return _read_prompts(spec, key)
+def read_prompts(spec: str, key: str = "content.prompts", *, exclude: Sequence[str] = (),
+                 follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
+    """Read a prompt list (``.txt``, ``.jsonl``, ``.parquet``); any failure is a SourceError naming the key.
+    Glob matches under an ``exclude`` folder are skipped (the run's output holds parquet with prompts)."""
+    return _read_prompts(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
 
 
 @_named_errors
-def _read_prompts(spec: str, key: str) -> list[SourceItem]:
-    urls = _expand(spec)
+def _read_prompts(spec: str, key: str, *, exclude: Sequence[str] = (),
+                  follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
+    urls = _expand(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
     if not urls:
         raise SourceError(f"{key}: no files match {spec}")
     items: list[SourceItem] = []
@@ -187,9 +268,8 @@ def _read_prompts(spec: str, key: str) -> list[SourceItem]:
         if url.endswith(MANIFEST_EXTS):
             items.extend(i for i in _read_manifest(url, key) if i.prompt is not None or i.error)
             continue
-        fs, path = get_fs(url)
         try:
-            text = fs.cat_file(path).decode("utf-8")
+            text = read_range(url).decode("utf-8")
         except UnicodeDecodeError:
             raise SourceError(f"{key}: {url} is not UTF-8 text") from None
         base = _relative_id(url, _id_root(get_fs(spec)[1]))
@@ -203,15 +283,17 @@ def _read_prompts(spec: str, key: str) -> list[SourceItem]:
 
 
 @_named_errors
-def read_images(spec: str, key: str) -> list[SourceItem]:
+def read_images(spec: str, key: str, *, exclude: Sequence[str] = (),
+                follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
     """Read an image source of any supported kind into items (no pixels are read); any failure is a
-    SourceError naming the key."""
+    SourceError naming the key. Folder and glob listings skip files under an ``exclude`` folder (local)."""
     fs, path = get_fs(spec)
     if not _is_glob(path) and "{" not in spec:
         _check_exists(spec, key)
         if fs.isdir(path):
-            return _read_folder(fs, path, key)
-    urls = _expand(spec)
+            listing = None if is_remote(spec) else _LocalListing(key, path, exclude, follow_symlinks)
+            return _read_folder(fs, path, key, listing)
+    urls = _expand(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
     if not urls:
         raise SourceError(f"{key}: no files match {spec}")
     items: list[SourceItem] = []
@@ -244,8 +326,10 @@ def _relative_id(url: str, root: str) -> str:
     return posixpath.relpath(path, root) if root else posixpath.basename(path)
 
 
-def _read_folder(fs, path: str, key: str) -> list[SourceItem]:
-    files = sorted(p for p in fs.find(path) if _ext(p) in IMAGE_EXTS)
+def _read_folder(fs, path: str, key: str, listing: _LocalListing | None = None) -> list[SourceItem]:
+    files = sorted(p for p in fs.find(path) if _ext(p) in IMAGE_EXTS and (listing is None or listing.keep(p)))
+    if listing is not None:
+        listing.report()
     if not files:
         raise SourceError(f"{key}: no images in folder {path}")
     return [SourceItem(id=posixpath.relpath(p, path), image=ImageRef(full_url(fs, p))) for p in files]
@@ -266,9 +350,8 @@ def _dedupe(items: list[SourceItem]) -> list[SourceItem]:
 def _read_tar(url: str, key: str, base: str) -> list[SourceItem]:
     """Index a WebDataset tar (``pipeline.tar_index``): image member offsets plus captions (txt/json), read
     with seeks only. Sample ids are ``<base>/<sample key>``; samples that cannot be used get an ``error``."""
-    fs, path = get_fs(url)
     try:
-        with fs.open(path, "rb") as f:
+        with open_input(url) as f:
             index = index_open_tar(f, url)
             captions = {s.key: _tar_caption(f, s.members, url, s.key) for s in index.samples if not s.error}
     except tarfile.ReadError as exc:
@@ -314,11 +397,11 @@ def _read_manifest(url: str, key: str) -> list[SourceItem]:
     fs, path = get_fs(url)
     try:
         if url.endswith(".parquet"):
-            with fs.open(path, "rb") as f:
+            with open_input(url) as f:
                 rows = pq.read_table(f).to_pylist()
         else:
             rows = []
-            text = fs.cat_file(path).decode("utf-8")
+            text = read_range(url).decode("utf-8")
             # split on \n only: U+2028 or \x85 inside a JSON string are legal and must not end the line
             for lineno, line in enumerate(text.split("\n"), start=1):
                 if not line.strip():
@@ -356,13 +439,15 @@ def _read_manifest(url: str, key: str) -> list[SourceItem]:
     return items
 
 
-def read_content(prompts: str | None, images: str | None) -> list[SourceItem]:
+def read_content(prompts: str | None, images: str | None, *, exclude: Sequence[str] = (),
+                 follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
     """Content items. With both prompts and images, image i takes its own caption if it has one,
     else prompt ``i mod len(prompts)``."""
-    prompt_items = read_prompts(prompts) if prompts else []
+    options = {"exclude": exclude, "follow_symlinks": follow_symlinks}
+    prompt_items = read_prompts(prompts, **options) if prompts else []
     if not images:
         return _dedupe(prompt_items)
-    image_items = read_images(images, "content.images")
+    image_items = read_images(images, "content.images", **options)
     pool = [p.prompt for p in prompt_items if p.prompt]
     if not pool:
         return image_items

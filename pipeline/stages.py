@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import DecodeConfig, FilterConfig, OutputConfig
-from pipeline.fs import read_range
+from pipeline.fs import NotRegularFileError, read_range
 from pipeline.images import (
     DecodeError,
     decode_image,
@@ -86,6 +86,8 @@ def _fetch_decode(url: str | None, offset: int, size: int, cfg: DecodeConfig) ->
         raise DecodeError(f"not found: {url}") from None
     except PermissionError:
         raise DecodeError(f"access denied: {url}") from None
+    except NotRegularFileError as exc:  # a FIFO or device: refused before any read could block
+        raise DecodeError(str(exc)) from None
     except Exception as exc:  # network, credentials, a vanished tar: this sample fails, the run goes on
         raise DecodeError(f"cannot read {url}: {exc.__class__.__name__}: {exc}") from None
     if size >= 0 and len(data) < size:

@@ -17,7 +17,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from pipeline.fs import get_fs
+from pipeline.fs import open_input
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,6 @@ def index_open_tar(f: BinaryIO, url: str) -> TarIndex:
 
 
 def index_tar(url: str) -> TarIndex:
-    fs, path = get_fs(url)
-    with fs.open(path, "rb") as f:
+    """Index the tar at ``url``; a local FIFO or device is refused (``NotRegularFileError``), never read."""
+    with open_input(url) as f:
         return index_open_tar(f, url)
