@@ -11,6 +11,7 @@ retried with exponential backoff before a sample is failed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
@@ -42,7 +43,12 @@ def is_remote(url: str) -> bool:
 
 
 def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
+    return _seconds(name, os.environ.get(name, ""), default)
+
+
+@functools.lru_cache(maxsize=32)
+def _seconds(name: str, raw: str, default: float) -> float:
+    """A positive number of seconds from an env value; a bad value warns once (cached) and keeps the default."""
     try:
         value = float(raw) if raw else default
     except ValueError:

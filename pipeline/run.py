@@ -173,13 +173,14 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
         retry_failed: str | None = None) -> RunSummary:
     """Run (or resume) the configured job under the output's writer lease and return its summary; ``run.json``
     records it. ``retry_failed`` re-plans failed samples (those whose reason contains it; "" for all)."""
-    with Lease(config.output.path, ttl_s=config.output.lease_ttl_s):
-        return _run(config, address=address, quiet=quiet, retry_failed=retry_failed)
-
-
-def _run(config: RunConfig, *, address: str | None, quiet: bool, retry_failed: str | None) -> RunSummary:
     started = time.time()
-    plan = build_plan(config)
+    plan = build_plan(config)  # read-only: a source error exits before anything is created under the output
+    with Lease(config.output.path, ttl_s=config.output.lease_ttl_s):
+        return _run(config, plan, started, address=address, quiet=quiet, retry_failed=retry_failed)
+
+
+def _run(config: RunConfig, plan: list[PlannedSample], started: float, *, address: str | None, quiet: bool,
+         retry_failed: str | None) -> RunSummary:
     store = OutputStore(config.output.path, fsync=config.output.fsync)
     opened = open_output(store, retry_failed)
     done = store.done_keys()
