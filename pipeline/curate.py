@@ -289,6 +289,7 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     """Run (or resume) a filter job under the writer leases of its output and (when it embeds) of its embeddings
     store; returns a RunSummary and writes ``run.json``. ``retry_failed`` re-plans failed samples (those whose
     reason contains it; "" for all), embeddings included."""
+    plan = plan_inputs(cfg)  # read-only: an input error exits before anything is created under the output
     with Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s):
         emb_lease = Lease(cfg.embeddings_path(), ttl_s=cfg.output.lease_ttl_s)
         try:
@@ -299,14 +300,14 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
         else:
             held = None
         try:
-            return _curate(cfg, address=address, quiet=quiet, retry_failed=retry_failed, emb_held=held)
+            return _curate(cfg, plan, address=address, quiet=quiet, retry_failed=retry_failed, emb_held=held)
         finally:
             if emb_lease is not None:
                 emb_lease.release()
 
 
-def _curate(cfg: FilterRunConfig, *, address: str | None, quiet: bool, retry_failed: str | None,
-            emb_held: LeaseHeld | None):
+def _curate(cfg: FilterRunConfig, plan: list[dict[str, Any]], *, address: str | None, quiet: bool,
+            retry_failed: str | None, emb_held: LeaseHeld | None):
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -322,7 +323,6 @@ def _curate(cfg: FilterRunConfig, *, address: str | None, quiet: bool, retry_fai
     )
 
     started = time.time()
-    plan = plan_inputs(cfg)
     store = OutputStore(cfg.output.path, fsync=cfg.output.fsync)
     previous = store.read_json("run.json")
     if previous and store.index_files() and previous.get("filter_hash") != cfg.filter_hash():
