@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 QUARANTINE = "_quarantine"
 SUPERSEDED = "_superseded"
 CHECK_COLUMNS = ["key", "status", "shard", "shard_size"]
+_stem = OutputStore._stem  # a shard and its index file share the stem
 
 
 @dataclass
@@ -44,10 +45,6 @@ class Problem:
 
     def line(self) -> str:
         return f"{self.path}: {self.what}"
-
-
-def _stem(path: str) -> str:
-    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
 def _sizes(store: OutputStore, directory: str) -> dict[str, int]:
