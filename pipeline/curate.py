@@ -93,7 +93,7 @@ EMB_SCHEMA = pa.schema([
 # ---- plan --------------------------------------------------------------------------------------------------
 def plan_inputs(cfg: FilterRunConfig) -> list[dict[str, Any]]:
     """One row per input sample: key, source id, tar URL and member offsets (no image bytes read)."""
-    urls = _expand(cfg.input.shards)
+    urls = _expand(cfg.input.shards, "input.shards", exclude=[cfg.output.path])  # never its own output
     if not urls:
         raise SourceError(f"input.shards: no files match {cfg.input.shards}")
     from pipeline.fs import get_fs

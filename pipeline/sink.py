@@ -108,18 +108,22 @@ class OutputStore:
 
     def read_index(self, columns: list[str] | None = None, *, skip_damaged: bool = False) -> pa.Table:
         """All index rows; a damaged file raises :class:`DamagedFile`, or is skipped with a warning."""
-        tables = []
-        for path in self.index_files():
-            try:
-                tables.append(_conform(self.read_parquet(path, columns), columns))
-            except DamagedFile as exc:
-                if not skip_damaged:
-                    raise
-                log.warning("skipping %s (run `stylegen verify %s --repair`)", exc, self.url)
+        tables = [_conform(t, columns) for t in self._read_each(self.index_files(), columns, skip_damaged)]
         if not tables:
             schema = INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
             return schema.empty_table()
         return pa.concat_tables(tables)
+
+    def _read_each(self, paths: list[str], columns: list[str] | None, skip_damaged: bool) -> list[pa.Table]:
+        tables = []
+        for path in paths:
+            try:
+                tables.append(self.read_parquet(path, columns))
+            except DamagedFile as exc:
+                if not skip_damaged:
+                    raise
+                log.warning("skipping %s (run `stylegen verify %s --repair`)", exc, self.url)
+        return tables
 
     def done_keys(self) -> set[str]:
         return set(self.read_index(["key"]).column("key").to_pylist())
@@ -206,14 +210,7 @@ class OutputStore:
         file raises :class:`DamagedFile`, or is skipped with a warning."""
         directory = self.root if subdir in ("", ".") else f"{self.root}/{subdir}"
         self.fs.invalidate_cache()
-        tables = []
-        for path in self._list(directory, ".parquet"):
-            try:
-                tables.append(self.read_parquet(path, columns))
-            except DamagedFile as exc:
-                if not skip_damaged:
-                    raise
-                log.warning("skipping %s", exc)
+        tables = self._read_each(self._list(directory, ".parquet"), columns, skip_damaged)
         if not tables:
             return pa.table({c: pa.array([], pa.string()) for c in (columns or ["key"])})
         return pa.concat_tables(tables, promote_options="default")

@@ -422,3 +422,20 @@ def test_is_transient_classification():
     for exc in (FileNotFoundError("x"), PermissionError("x"), NotRegularFileError("x"), ValueError("x"),
                 ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "GetObject")):
         assert not is_transient(exc), exc
+
+
+def test_filter_never_lists_its_own_output_among_its_input_shards(tmp_path, caplog):
+    from pipeline.curate import FilterRunConfig, plan_inputs
+
+    root = tmp_path / "corpus"
+    (root / "raw").mkdir(parents=True)
+    (root / "filtered" / "shards").mkdir(parents=True)
+    wds_tar(root / "raw" / "a.tar", {"s1": {"png": solid_png((9, 9, 9)), "txt": b"a fox"}})
+    out = root / "filtered"  # a previous filter's output, matched by the input glob
+    wds_tar(out / "shards" / "0123456789abcdef.tar", {"s1": {"png": solid_png((9, 9, 9)), "txt": b"a fox"}})
+    cfg = validate_config({"input": {"shards": str(root / "**" / "*.tar")}, "output": {"path": str(out)}},
+                          schema=FilterRunConfig)
+    with caplog.at_level(logging.WARNING):
+        rows = plan_inputs(cfg)
+    assert [r["content_id"] for r in rows] == ["raw/a.tar/s1"]
+    assert any(m.startswith("input.shards: skipped 1 file(s)") for m in skipped_lines(caplog, "output folder"))
