@@ -68,6 +68,43 @@ def choose_styles(content_id: str, n_styles: int, k: int, seed: int) -> list[int
     return chosen
 
 
+def pair_content(content: SourceItem, styles: list[SourceItem], *, styles_per_content: int, seeds_per_pair: int,
+                 seed: int, operator_hash: str) -> list[PlannedSample]:
+    """The samples of one content item, in plan order: its styles from the generator seeded by
+    ``(seed, content id)``, then ``seeds_per_pair`` seeds each. Used in the driver and on workers alike."""
+    samples: list[PlannedSample] = []
+    seen: set[str] = set()
+    c_ref = content.image
+    for s_index in choose_styles(content.id, len(styles), styles_per_content, seed):
+        style = styles[s_index]
+        s_ref = style.image
+        errors = [f"content: {content.error}" if content.error else None,
+                  f"style: {style.error}" if style.error else None]
+        for rep in range(seeds_per_pair):
+            sample_seed = _int_hash(seed, content.id, style.id, rep) % (2**31)
+            key = sample_key(content.id, style.id, sample_seed, operator_hash)
+            if key in seen:
+                continue
+            seen.add(key)
+            samples.append(
+                PlannedSample(
+                    key=key,
+                    content_id=content.id,
+                    style_id=style.id,
+                    seed=sample_seed,
+                    prompt=content.prompt,
+                    content_url=c_ref.url if c_ref else None,
+                    content_offset=c_ref.offset if c_ref else 0,
+                    content_size=c_ref.size if c_ref else -1,
+                    style_url=s_ref.url if s_ref else "",
+                    style_offset=s_ref.offset if s_ref else 0,
+                    style_size=s_ref.size if s_ref else -1,
+                    error="; ".join(e for e in errors if e) or None,
+                )
+            )
+    return samples
+
+
 def pair(
     contents: list[SourceItem],
     styles: list[SourceItem],
@@ -81,38 +118,16 @@ def pair(
     plan: list[PlannedSample] = []
     if limit == 0:
         return plan
-    seen: set[str] = set()
+    seen: set[str] = set()  # content ids are unique, so keys are too; kept as a guard against hash collisions
     for content in contents:
-        for s_index in choose_styles(content.id, len(styles), styles_per_content, seed):
-            style = styles[s_index]
-            for rep in range(seeds_per_pair):
-                sample_seed = _int_hash(seed, content.id, style.id, rep) % (2**31)
-                key = sample_key(content.id, style.id, sample_seed, operator_hash)
-                if key in seen:
-                    continue
-                seen.add(key)
-                c_ref = content.image
-                s_ref = style.image
-                errors = [f"content: {content.error}" if content.error else None,
-                          f"style: {style.error}" if style.error else None]
-                plan.append(
-                    PlannedSample(
-                        key=key,
-                        content_id=content.id,
-                        style_id=style.id,
-                        seed=sample_seed,
-                        prompt=content.prompt,
-                        content_url=c_ref.url if c_ref else None,
-                        content_offset=c_ref.offset if c_ref else 0,
-                        content_size=c_ref.size if c_ref else -1,
-                        style_url=s_ref.url if s_ref else "",
-                        style_offset=s_ref.offset if s_ref else 0,
-                        style_size=s_ref.size if s_ref else -1,
-                        error="; ".join(e for e in errors if e) or None,
-                    )
-                )
-                if limit is not None and len(plan) >= limit:
-                    return plan
+        for sample in pair_content(content, styles, styles_per_content=styles_per_content,
+                                   seeds_per_pair=seeds_per_pair, seed=seed, operator_hash=operator_hash):
+            if sample.key in seen:
+                continue
+            seen.add(sample.key)
+            plan.append(sample)
+            if limit is not None and len(plan) >= limit:
+                return plan
     return plan
 
 

@@ -259,26 +259,39 @@ def read_prompts(spec: str, key: str = "content.prompts", *, exclude: Sequence[s
 @_named_errors
 def _read_prompts(spec: str, key: str, *, exclude: Sequence[str] = (),
                   follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
+    items = [i for unit in list_prompt_units(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
+             for i in read_unit(unit)]
+    if not items:
+        raise SourceError(f"{key}: no prompts in {spec}")
+    return items
+
+
+@_named_errors
+def list_prompt_units(spec: str, key: str = "content.prompts", *, exclude: Sequence[str] = (),
+                      follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceUnit]:
+    """The files of a prompt source, each to be read by :func:`read_unit` (in the driver or on a worker)."""
     urls = _expand(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
     if not urls:
         raise SourceError(f"{key}: no files match {spec}")
-    items: list[SourceItem] = []
+    root = _id_root(get_fs(spec)[1])
+    units = []
     for url in urls:
         _check_exists(url, key)
-        if url.endswith(MANIFEST_EXTS):
-            items.extend(i for i in _read_manifest(url, key) if i.prompt is not None or i.error)
-            continue
-        try:
-            text = read_range(url).decode("utf-8")
-        except UnicodeDecodeError:
-            raise SourceError(f"{key}: {url} is not UTF-8 text") from None
-        base = _relative_id(url, _id_root(get_fs(spec)[1]))
-        for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: \x1c-\x1e, \x85 are no breaks
-            prompt, error = _prompt_value(line)
-            if prompt or error:  # blank (or control-only) lines are skipped by design
-                items.append(SourceItem(id=f"{base}:{lineno}", prompt=prompt, error=error))
-    if not items:
-        raise SourceError(f"{key}: no prompts in {spec}")
+        kind = "prompt-manifest" if url.endswith(MANIFEST_EXTS) else "prompts"
+        units.append(SourceUnit(kind, url, _relative_id(url, root), key))
+    return units
+
+
+def _read_prompt_lines(url: str, key: str, base: str) -> list[SourceItem]:
+    try:
+        text = read_range(url).decode("utf-8")
+    except UnicodeDecodeError:
+        raise SourceError(f"{key}: {url} is not UTF-8 text") from None
+    items = []
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: \x1c-\x1e, \x85 are no breaks
+        prompt, error = _prompt_value(line)
+        if prompt or error:  # blank (or control-only) lines are skipped by design
+            items.append(SourceItem(id=f"{base}:{lineno}", prompt=prompt, error=error))
     return items
 
 
@@ -287,31 +300,75 @@ def read_images(spec: str, key: str, *, exclude: Sequence[str] = (),
                 follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
     """Read an image source of any supported kind into items (no pixels are read); any failure is a
     SourceError naming the key. Folder and glob listings skip files under an ``exclude`` folder (local)."""
+    items = [i for unit in list_image_units(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
+             for i in read_unit(unit)]
+    if not items:
+        raise SourceError(f"{key}: no images in {spec}")
+    return _dedupe(items)
+
+
+@_named_errors
+def list_image_units(spec: str, key: str, *, exclude: Sequence[str] = (),
+                     follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceUnit]:
+    """The files of an image source (paths only, nothing read), each to be read by :func:`read_unit`."""
     fs, path = get_fs(spec)
     if not _is_glob(path) and "{" not in spec:
         _check_exists(spec, key)
         if fs.isdir(path):
             listing = None if is_remote(spec) else _LocalListing(key, path, exclude, follow_symlinks)
-            return _read_folder(fs, path, key, listing)
+            return _list_folder(fs, path, key, listing)
     urls = _expand(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
     if not urls:
         raise SourceError(f"{key}: no files match {spec}")
-    items: list[SourceItem] = []
     root = _id_root(path)
+    units = []
     for url in urls:
         if url.endswith(TAR_EXTS):
-            items.extend(_read_tar(url, key, _relative_id(url, root)))
+            kind = "tar"
         elif url.endswith(MANIFEST_EXTS):
-            items.extend(i if i.image is not None or i.error else
-                         SourceItem(id=i.id, prompt=i.prompt, error="manifest row has no image")
-                         for i in _read_manifest(url, key))
+            kind = "image-manifest"
         elif _ext(url) in IMAGE_EXTS:
-            items.append(SourceItem(id=_relative_id(url, root), image=ImageRef(url)))
+            kind = "image"
         else:
             raise SourceError(f"{key}: unsupported source file {url} (expected images, .tar, .parquet, .jsonl)")
-    if not items:
-        raise SourceError(f"{key}: no images in {spec}")
-    return _dedupe(items)
+        units.append(SourceUnit(kind, url, _relative_id(url, root), key))
+    return units
+
+
+@dataclass(frozen=True)
+class SourceUnit:
+    """One listed file of a source and how to read it: the unit of parallel listing (one Ray task per tar or
+    manifest). ``base`` is the item id (an image) or the id prefix (a tar, a prompt list)."""
+
+    kind: str  # image | tar | image-manifest | prompt-manifest | prompts
+    url: str
+    base: str
+    key: str  # the config key, for error messages
+
+    @property
+    def may_repeat_ids(self) -> bool:
+        """Only manifests name their own ids; every other kind derives unique ids from its path."""
+        return self.kind.endswith("manifest")
+
+
+def read_unit(unit: SourceUnit) -> list[SourceItem]:
+    """The items of one unit, in file order (a unit's own repeated ids are kept; callers drop repeats)."""
+    try:
+        if unit.kind == "image":
+            return [SourceItem(id=unit.base, image=ImageRef(unit.url))]
+        if unit.kind == "tar":
+            return _read_tar(unit.url, unit.key, unit.base)
+        if unit.kind == "image-manifest":
+            return [i if i.image is not None or i.error else
+                    SourceItem(id=i.id, prompt=i.prompt, error="manifest row has no image")
+                    for i in _read_manifest(unit.url, unit.key)]
+        if unit.kind == "prompt-manifest":
+            return [i for i in _read_manifest(unit.url, unit.key) if i.prompt is not None or i.error]
+        return _read_prompt_lines(unit.url, unit.key, unit.base)
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise _unreadable(unit.key, unit.url, exc) from None
 
 
 def _id_root(path: str) -> str:
@@ -326,13 +383,13 @@ def _relative_id(url: str, root: str) -> str:
     return posixpath.relpath(path, root) if root else posixpath.basename(path)
 
 
-def _read_folder(fs, path: str, key: str, listing: _LocalListing | None = None) -> list[SourceItem]:
+def _list_folder(fs, path: str, key: str, listing: _LocalListing | None = None) -> list[SourceUnit]:
     files = sorted(p for p in fs.find(path) if _ext(p) in IMAGE_EXTS and (listing is None or listing.keep(p)))
     if listing is not None:
         listing.report()
     if not files:
         raise SourceError(f"{key}: no images in folder {path}")
-    return [SourceItem(id=posixpath.relpath(p, path), image=ImageRef(full_url(fs, p))) for p in files]
+    return [SourceUnit("image", full_url(fs, p), posixpath.relpath(p, path), key) for p in files]
 
 
 def _dedupe(items: list[SourceItem]) -> list[SourceItem]:

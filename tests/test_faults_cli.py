@@ -72,7 +72,8 @@ def _second_writer_refused(sets: list[str], holder: subprocess.Popen, out: str, 
     rc, stdout, stderr = _finish(holder)
     assert rc == 0, stderr
     planned = _planned(sets)
-    assert stdout.strip().splitlines()[-1] == f"planned={len(planned)} kept={len(planned)} rejected=0 failed=0 skipped=0"
+    n = len(planned)
+    assert stdout.strip().splitlines()[-1] == f"planned={n} kept={n} rejected=0 failed=0 skipped=0"
     rows = check_invariants(out, planned)
     assert all(r["status"] == "kept" for r in rows)
 
@@ -152,7 +153,8 @@ def test_sigterm_stops_the_run_with_one_line_and_a_rerun_completes(samples, tmp_
     os.kill(proc.pid, signal.SIGTERM)
     rc, stdout, stderr = _finish(proc, timeout=60)
     assert rc == 128 + signal.SIGTERM, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == "error: stopped by SIGTERM; rerun the same command to resume", stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last == "error: stopped by SIGTERM; rerun the same command to resume", stderr[-2000:]
     assert "Traceback" not in stderr
     deadline = time.time() + 20
     while _group_alive(proc.pid) and time.time() < deadline:

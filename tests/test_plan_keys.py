@@ -1,0 +1,47 @@
+"""Plans never move: the keys, pairings, seeds and prompts the current code makes for every source kind equal those
+recorded in tests/data/plan_keys.json (an upgrade that moved one would redo finished outputs), both in the driver
+(``build_plan``) and on Ray (``plan_dataset``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import validate_config
+from pipeline.plan import build_plan
+from tests.plan_cases import RECORDED, build_corpus, cases
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("plan-corpus"))
+
+
+RECORDED_PLANS = json.loads(RECORDED.read_text())
+
+
+def test_every_case_is_recorded(corpus):
+    assert set(cases(corpus)) == set(RECORDED_PLANS)
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_PLANS))
+def test_driver_plan_equals_the_recorded_plan(corpus, name):
+    plan = build_plan(validate_config(cases(corpus)[name]))
+    assert [[s.key, s.content_id, s.style_id, s.seed, s.prompt] for s in plan] == RECORDED_PLANS[name]
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_PLANS))
+def test_cluster_plan_equals_the_recorded_plan(ray_local, corpus, name):
+    from pipeline.plan_dataset import collect, plan_dataset
+
+    plan = collect(plan_dataset(validate_config(cases(corpus)[name])))
+    assert [[s.key, s.content_id, s.style_id, s.seed, s.prompt] for s in plan] == RECORDED_PLANS[name]
+
+
+def test_cluster_plan_carries_the_same_input_locations(ray_local, corpus):
+    from pipeline.plan_dataset import collect, plan_dataset
+
+    for name in ("tar_glob_prompts", "manifests_glob_dup_ids"):
+        cfg = validate_config(cases(corpus)[name])
+        assert collect(plan_dataset(cfg)) == build_plan(cfg)
