@@ -319,7 +319,6 @@ def _curate(cfg: FilterRunConfig, plan: list[dict[str, Any]], *, address: str | 
         init_ray,
         open_output,
         package_versions,
-        tally,
     )
 
     started = time.time()
@@ -384,7 +383,7 @@ def _curate(cfg: FilterRunConfig, plan: list[dict[str, Any]], *, address: str | 
     finally:
         if started_ray:
             ray.shutdown()
-    dataset = tally(store, summary, [r["key"] for r in to_write], {r["key"] for r in plan})
+    dataset = _tally(store, summary, [r["key"] for r in to_write], {r["key"] for r in plan})
     summary.timings["total_s"] = round(time.time() - started, 3)
     _, _, meaningful = resolve_clip(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
     store.write_json("run.json", {
@@ -400,3 +399,20 @@ def _fill_captions(rows: list[dict[str, Any]], emb: pa.Table) -> None:
     captions = dict(zip(emb.column("key").to_pylist(), emb.column("caption").to_pylist(), strict=True))
     for row in rows:
         row["prompt"] = captions.get(row["key"])
+
+
+def _tally(store: OutputStore, summary, todo_keys: list[str], planned_keys: set[str]) -> dict[str, Any]:
+    """This run's outcomes into ``summary`` and the totals over the planned keys, from the committed index.
+    (Holds the keys in the driver: the filter's plan is still a driver list; see issue 14.)"""
+    index = store.read_index(["key", "status"])
+    status = dict(zip(index.column("key").to_pylist(), index.column("status").to_pylist(), strict=True))
+    missing = [k for k in todo_keys if k not in status]
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned samples have no index row after the run (e.g. {missing[0]})")
+    for key in todo_keys:
+        setattr(summary, status[key], getattr(summary, status[key]) + 1)
+    totals = {"kept": 0, "rejected": 0, "failed": 0}
+    for key, st in status.items():
+        if key in planned_keys:
+            totals[st] = totals.get(st, 0) + 1
+    return {"planned": len(planned_keys), **totals, "complete": sum(totals.values()) == len(planned_keys)}

@@ -56,7 +56,9 @@ def _sizes(store: OutputStore, directory: str) -> dict[str, int]:
 
 
 def check(store: OutputStore, *, deep: bool = True) -> list[Problem]:
-    """Every problem of the output at ``store``, in a stable order."""
+    """Every problem of the output at ``store``, in a stable order. Index files are checked one by one (as Ray
+    tasks when Ray is initialised) and keys repeated across files are found by a groupby on the cluster: the
+    driver holds per-file results and the repeats, never the set of keys."""
     store.fs.invalidate_cache()
     problems: list[Problem] = []
     shard_sizes = _sizes(store, store.shards)
@@ -69,26 +71,17 @@ def check(store: OutputStore, *, deep: bool = True) -> list[Problem]:
             problems.append(Problem(path, "stray file in shards/ (not a tar shard)", [path]))
     index_paths = [p for p in index_paths if p.endswith(".parquet")]
     stems = {_stem(p) for p in index_paths}
-    seen: dict[str, str] = {}  # key -> index file that holds it
+    jobs = [(path, shard_sizes.get(f"{store.shards}/{_stem(path)}.tar")) for path in index_paths]
+    per_file = dict(_map_chunks(_check_index_files, store.url, jobs, deep))  # path -> (problem, keys usable)
+    repeats = _repeated_keys(store, [p for p in index_paths if per_file[p][1]])
     for path in index_paths:
-        shard = f"{store.shards}/{_stem(path)}.tar"
-        shard_files = [shard] if shard in shard_sizes else []
-        try:
-            table = _conform(store.read_parquet(path, None), None).select(CHECK_COLUMNS)
-        except DamagedFile as exc:
-            problems.append(Problem(path, f"index file {exc.why}", [*shard_files, path]))
-            continue
-        keys = table.column("key").to_pylist()
-        twice = [k for k in keys if k in seen]
-        if twice or len(set(keys)) != len(keys):
-            other = f" (also in {seen[twice[0]]})" if twice else ""
-            problems.append(Problem(path, f"{len(twice) or len(keys) - len(set(keys))} keys are indexed twice, "
-                                          f"e.g. {(twice or keys)[0]}{other}", [*shard_files, path]))
-            continue
-        seen.update(dict.fromkeys(keys, path))
-        problem = _check_shard(store, path, table, shard, shard_sizes.get(shard), deep)
-        if problem:
-            problems.append(problem)
+        if path in repeats:
+            n, key, other = repeats[path]
+            shard = f"{store.shards}/{_stem(path)}.tar"
+            problems.append(Problem(path, f"{n} keys are indexed twice, e.g. {key} (also in {other})",
+                                    [*([shard] if shard in shard_sizes else []), path]))
+        elif per_file[path][0] is not None:
+            problems.append(per_file[path][0])
     for path in sorted(p for p in shard_sizes if p.endswith(".tar") and _stem(p) not in stems):
         problems.append(Problem(path, "orphan shard without an index file (a crash before its commit, or a commit "
                                       "in progress)", [path]))
@@ -97,6 +90,96 @@ def check(store: OutputStore, *, deep: bool = True) -> list[Problem]:
             path = f"{store.tmp}/{name}"
             problems.append(Problem(path, "staged file left behind by a crashed write", [path]))
     return problems
+
+
+CHUNK = 64  # index files per Ray task
+
+
+def _map_chunks(fn, url: str, jobs: list, *args) -> list:
+    """``fn(url, chunk, *args)`` over chunks of ``jobs``: Ray tasks when Ray is initialised, else in-process."""
+    chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        ray = None
+    if ray is not None and ray.is_initialized() and chunks:  # the driver reads no index file itself
+        task = ray.remote(num_cpus=1)(fn)
+        return [r for part in ray.get([task.remote(url, chunk, *args) for chunk in chunks]) for r in part]
+    return [r for chunk in chunks for r in fn(url, chunk, *args)]
+
+
+def _check_index_files(url: str, jobs: list[tuple[str, int | None]], deep: bool) -> list[tuple[str, tuple]]:
+    store = OutputStore(url)
+    return [(path, _check_index_file(store, path, size, deep)) for path, size in jobs]
+
+
+def _check_index_file(store: OutputStore, path: str, shard_size: int | None,
+                      deep: bool) -> tuple[Problem | None, bool]:
+    """The problem of one index file, and whether its keys count as indexed (for the check across files)."""
+    shard = f"{store.shards}/{_stem(path)}.tar"
+    shard_files = [shard] if shard_size is not None else []
+    try:
+        table = _conform(store.read_parquet(path, None), None).select(CHECK_COLUMNS)
+    except DamagedFile as exc:
+        return Problem(path, f"index file {exc.why}", [*shard_files, path]), False
+    keys = table.column("key")
+    repeated = len(keys) - pc.count_distinct(keys).as_py()
+    if repeated:
+        counts = pc.value_counts(keys)
+        example = counts.field("values")[pc.index(counts.field("counts"), pc.max(counts.field("counts"))).as_py()]
+        return Problem(path, f"{repeated} keys are indexed twice, e.g. {example}", [*shard_files, path]), False
+    return _check_shard(store, path, table, shard, shard_size, deep), True
+
+
+SMALL_INDEX = 2_000  # index files whose keys one worker checks for repeats; above it, a groupby on the cluster
+
+
+def _repeated_keys(store: OutputStore, paths: list[str]) -> dict[str, tuple[int, str, str]]:
+    """Index files holding keys that an earlier file (in path order) holds too: path -> (how many, an example
+    key, the earlier file). The keys are read by a worker (one for a small index, a groupby for a large one),
+    never by the driver; ``verify`` without Ray reads them in its own process."""
+    if len(paths) < 2:
+        return {}
+    import ray
+
+    if not ray.is_initialized():
+        return _repeats_in(store.url, paths)
+    if len(paths) <= SMALL_INDEX:
+        return ray.get(ray.remote(num_cpus=1)(_repeats_in).remote(store.url, paths))
+    from ray.data.aggregate import Count
+
+    from pipeline.resume import arrow_fs
+
+    ds = ray.data.read_parquet(paths, filesystem=arrow_fs(store.fs), include_paths=True)
+    ds = ds.select_columns(["key", "path"])
+    repeated = {r["key"] for r in ds.groupby("key").aggregate(Count()).filter(fn=lambda r: r["count()"] > 1)
+                .take_all()}
+    rows = ds.filter(fn=lambda r: r["key"] in repeated).take_all() if repeated else []
+    return _later_holders((_full(store, r["path"]), r["key"]) for r in rows)
+
+
+def _repeats_in(url: str, paths: list[str]) -> dict[str, tuple[int, str, str]]:
+    store = OutputStore(url)
+    return _later_holders((path, key) for path in paths
+                          for key in store.read_parquet(path, ["key"]).column("key").to_pylist())
+
+
+def _later_holders(holders) -> dict[str, tuple[int, str, str]]:
+    first: dict[str, str] = {}
+    out: dict[str, tuple[int, str, str]] = {}
+    for path, key in sorted(holders):
+        if key not in first:
+            first[key] = path
+        elif first[key] != path:
+            n, example, other = out.get(path, (0, key, first[key]))
+            out[path] = (n + 1, example, other)
+    return out
+
+
+def _full(store: OutputStore, path: str) -> str:
+    """A path as Ray's reader reports it, in the form the listing uses."""
+    name = path.rsplit("/", 1)[-1]
+    return f"{store.index}/{name}"
 
 
 def _check_shard(store: OutputStore, index_path: str, table: pa.Table, shard: str, actual: int | None,

@@ -19,8 +19,8 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import Counter
-from dataclasses import asdict, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -247,64 +247,64 @@ def _contains(sorted_list: list[int], value: int) -> bool:
     return i < len(sorted_list) and sorted_list[i] == value
 
 
-def plan_dataset(config: RunConfig) -> Dataset:
+@dataclass(frozen=True)
+class Listing:
+    """The files of a run's sources, listed in the driver (paths only, no Ray needed): the plan's input."""
+
+    content: list[SourceUnit]
+    content_key: str
+    content_spec: str
+    prompts: list[SourceUnit] | None  # the prompt pool of an image content source
+    styles: list[SourceUnit]
+
+
+def list_sources(config: RunConfig) -> Listing:
+    """List every source file; a missing or unreadable source is a SourceError before Ray starts."""
+    exclude = [] if is_remote(config.output.path) else [config.output.path.removeprefix("file://")]
+    content = config.content
+    pool = None
+    if content.images:
+        units = list_image_units(content.images, "content.images", exclude=exclude)
+        key, spec = "content.images", content.images
+        if content.prompts:
+            pool = list_prompt_units(content.prompts, "content.prompts", exclude=exclude)
+    else:
+        units = list_prompt_units(content.prompts, "content.prompts", exclude=exclude)
+        key, spec = "content.prompts", content.prompts
+    styles = list_image_units(config.style.images, "style.images", exclude=exclude)
+    return Listing(units, key, spec, pool, styles)
+
+
+def plan_dataset(config: RunConfig, listing: Listing | None = None) -> Dataset:
     """The plan of ``config`` as a Ray Dataset of :data:`PLAN_SCHEMA` rows (needs Ray initialised). Source errors
     are raised here as :class:`SourceError`, before anything is written."""
     import ray
 
-    exclude = [] if is_remote(config.output.path) else [config.output.path.removeprefix("file://")]
-    options = {"exclude": exclude}
+    listing = listing or list_sources(config)
     content = config.content
     pool = None
-    if content.images:
-        units = list_image_units(content.images, "content.images", **options)
-        key, spec, what = "content.images", content.images, "images"
-        if content.prompts:
-            prompt_units = list_prompt_units(content.prompts, "content.prompts", **options)
-            prompts = _gather(prompt_units, "content.prompts", content.prompts, MAX_PROMPT_POOL, "prompts")
-            if not prompts:
-                raise SourceError(f"content.prompts: no prompts in {content.prompts}")
-            pool = [p.prompt for p in prompts if p.prompt] or None
-    else:
-        units = list_prompt_units(content.prompts, "content.prompts", **options)
-        key, spec, what = "content.prompts", content.prompts, "prompts"
+    if listing.prompts is not None:
+        prompts = _gather(listing.prompts, "content.prompts", content.prompts, MAX_PROMPT_POOL, "prompts")
+        if not prompts:
+            raise SourceError(f"content.prompts: no prompts in {content.prompts}")
+        pool = [p.prompt for p in prompts if p.prompt] or None
+    units = listing.content
     items = _run(lambda: _items(units).materialize(), "content")
     if items.count() == 0:
-        raise SourceError(f"{key}: no {what} in {spec}")
-    style_units = list_image_units(config.style.images, "style.images", **options)
-    styles = _dedupe_ordered(_gather(style_units, "style.images", config.style.images, MAX_STYLES, "styles"))
+        what = "images" if listing.content_key == "content.images" else "prompts"
+        raise SourceError(f"{listing.content_key}: no {what} in {listing.content_spec}")
+    styles = _gather(listing.styles, "style.images", config.style.images, MAX_STYLES, "styles")
+    styles = _dedupe_ordered(styles)
     if not styles:
         raise SourceError(f"style.images: no images in {config.style.images}")
     dropped = _run(lambda: _repeats(items, units), "content")
     bases = _bases(items, len(units), dropped)
-    context = ray.put(_PairContext(styles, pool, bases, dropped, config))
     if config.pairing.limit == 0:
         return ray.data.from_arrow(PLAN_SCHEMA.empty_table())
+    context = ray.put(_PairContext(styles, pool, bases, dropped, config))
     # The ref travels inside a list: Ray Data would otherwise resolve it into every task's arguments.
     return items.map_batches(_pair_items, batch_format="pyarrow", batch_size=None,
                              fn_kwargs={"context_ref": [context]})
-
-
-def todo_dataset(plan: Dataset, index_files: list[str], fs) -> Dataset:
-    """The planned samples without a row in the committed index: a left anti-join on the cluster, never a set of
-    done keys in the driver."""
-    if not index_files:
-        return plan
-    import ray
-
-    keys = ray.data.read_parquet(index_files, columns=["key"], filesystem=_arrow_fs(fs))
-    return plan.join(keys, "left_anti", num_partitions=join_partitions(len(index_files)), on=("key",))
-
-
-def join_partitions(n_index_files: int) -> int:
-    """Hash partitions of the resume join: about one per 64 index files, at least one per core of a laptop."""
-    return max(4, min(512, n_index_files // 64))
-
-
-def _arrow_fs(fs) -> Any:
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(fs))
 
 
 def rows_to_samples(table: pa.Table) -> list[PlannedSample]:

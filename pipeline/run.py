@@ -7,7 +7,6 @@ removed first, and the counts of this run plus the totals of the dataset go to `
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
@@ -16,19 +15,21 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
+import pyarrow.compute as pc
+
 from pipeline.card import write_card
 from pipeline.config import RunConfig
 from pipeline.integrity import failed_mask, startup_repair, supersede
 from pipeline.lease import Lease
-from pipeline.plan import PlannedSample, build_plan
+from pipeline.plan_dataset import SAMPLE_COLUMNS, list_sources, plan_dataset
 from pipeline.progress import ProgressReporter
+from pipeline.resume import status_totals, todo_dataset
 from pipeline.sink import OutputStore, ShardDatasink
 
 log = logging.getLogger(__name__)
 
 VERSIONED = ("stylegen", "torch", "ray", "diffusers", "transformers", "open-clip-torch", "webdataset",
              "pyarrow", "fsspec", "s3fs", "pillow")
-MAX_BLOCKS = 20_000
 
 
 @dataclass
@@ -104,35 +105,33 @@ def configure_data_context(wait_for_actors_s: int, quiet: bool) -> None:
     ctx.wait_for_min_actors_s = wait_for_actors_s
 
 
-def tally(store: OutputStore, summary: RunSummary, todo_keys: list[str], planned_keys: set[str]) -> dict[str, int]:
-    """Count this run's outcomes into ``summary`` from the committed index and return the dataset totals over
-    the planned keys; a key of this run without an index row is an error (the invariant of DESIGN §5)."""
-    index = store.read_index(["key", "status"])
-    status = dict(zip(index.column("key").to_pylist(), index.column("status").to_pylist(), strict=True))
-    missing = [k for k in todo_keys if k not in status]
-    if missing:
-        raise RuntimeError(f"{len(missing)} planned samples have no index row after the run (e.g. {missing[0]})")
-    for key in todo_keys:
-        setattr(summary, status[key], getattr(summary, status[key]) + 1)
-    totals = {"kept": 0, "rejected": 0, "failed": 0}
-    for key, st in status.items():
-        if key in planned_keys:
-            totals[st] = totals.get(st, 0) + 1
-    return {"planned": len(planned_keys), **totals, "complete": sum(totals.values()) == len(planned_keys)}
+def tally(config: RunConfig, store: OutputStore, summary: RunSummary, before: set[str], todo: int,
+          plan) -> dict[str, Any]:
+    """Count this run's outcomes into ``summary`` from the index files it committed, and return the dataset
+    totals over the planned keys (a join on the cluster). A sample of this run without an index row is an error
+    (the invariant of DESIGN §5). The driver reads status columns file by file, never a set of keys."""
+    new = [p for p in store.index_files() if p not in before]
+    for path in new:
+        counts = pc.value_counts(store.read_parquet(path, ["status"]).column("status"))
+        for status, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True):
+            setattr(summary, status, getattr(summary, status) + n)
+    written = summary.kept + summary.rejected + summary.failed
+    if written != todo:
+        raise RuntimeError(f"{todo - written} planned samples have no index row after the run")
+    totals = status_totals(plan, store, store.index_files(), config.output.samples_per_shard)
+    return {"planned": summary.planned, **totals, "complete": sum(totals.values()) == summary.planned}
 
 
-def execute(config: RunConfig, todo: list[PlannedSample], quiet: bool = False) -> None:
-    """Stream ``todo`` through decode -> stylize -> score/filter -> sink on the current Ray cluster."""
-    import ray
+def execute(config: RunConfig, todo, quiet: bool = False) -> None:
+    """Stream the ``todo`` dataset through decode -> stylize -> score/filter -> sink on the current Ray cluster."""
     from ray.data import ActorPoolStrategy
 
     from pipeline.stages import Scorer, Stylizer, decode_batch
 
     configure_data_context(config.ray.wait_for_actors_s, quiet)
     op, sc = config.operator, config.scoring
-    # One block per operator batch (capped) so that every stylize actor gets work from the start.
-    blocks = min(MAX_BLOCKS, max(1, math.ceil(len(todo) / op.batch_size)))
-    ds = ray.data.from_items([s.to_row() for s in todo], override_num_blocks=blocks)
+    # One block per operator batch so that decoding runs in parallel and every stylize actor gets work at once.
+    ds = todo.select_columns(SAMPLE_COLUMNS).repartition(target_num_rows_per_block=op.batch_size)
     # batch_size=None: decode block by block, keeping one block per operator batch.
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"decode": config.decode.model_dump()})
@@ -174,24 +173,33 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
     """Run (or resume) the configured job under the output's writer lease and return its summary; ``run.json``
     records it. ``retry_failed`` re-plans failed samples (those whose reason contains it; "" for all)."""
     started = time.time()
-    plan = build_plan(config)  # read-only: a source error exits before anything is created under the output
-    with Lease(config.output.path, ttl_s=config.output.lease_ttl_s):
-        return _run(config, plan, started, address=address, quiet=quiet, retry_failed=retry_failed)
+    listing = list_sources(config)  # read-only: a source error exits before anything is created under the output
+    started_ray = init_ray(address or config.ray.address, quiet=quiet)
+    try:
+        configure_data_context(config.ray.wait_for_actors_s, quiet)
+        plan = plan_dataset(config, listing)
+        with Lease(config.output.path, ttl_s=config.output.lease_ttl_s):
+            return _run(config, plan, started, quiet=quiet, retry_failed=retry_failed)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
 
 
-def _run(config: RunConfig, plan: list[PlannedSample], started: float, *, address: str | None, quiet: bool,
-         retry_failed: str | None) -> RunSummary:
+def _run(config: RunConfig, plan, started: float, *, quiet: bool, retry_failed: str | None) -> RunSummary:
     store = OutputStore(config.output.path, fsync=config.output.fsync)
     opened = open_output(store, retry_failed)
-    done = store.done_keys()
-    todo = [s for s in plan if s.key not in done]
-    summary = RunSummary(planned=len(plan), skipped=len(plan) - len(todo), **opened)
+    before = store.index_files()
+    planned = plan.count()
+    todo = todo_dataset(plan, store, before, config.output.samples_per_shard)
+    n_todo = todo.count() if before else planned
+    summary = RunSummary(planned=planned, skipped=planned - n_todo, **opened)
     summary.timings["plan_s"] = round(time.time() - started, 3)
-    if todo:
+    if n_todo:
         write_card(store, {"config": config.model_dump(mode="json"), "operator_hash": config.operator_hash(),
-                           "versions": package_versions(), "dataset": {"planned": len(plan)}}, in_progress=True)
-        started_ray = init_ray(address or config.ray.address, quiet=quiet)
-        progress = None if quiet else ProgressReporter(store, len(todo)).start()
+                           "versions": package_versions(), "dataset": {"planned": planned}}, in_progress=True)
+        progress = None if quiet else ProgressReporter(store, n_todo).start()
         try:
             t0 = time.time()
             execute(config, todo, quiet=quiet)
@@ -199,11 +207,7 @@ def _run(config: RunConfig, plan: list[PlannedSample], started: float, *, addres
         finally:
             if progress is not None:
                 progress.stop()
-            if started_ray:
-                import ray
-
-                ray.shutdown()
-    dataset = tally(store, summary, [s.key for s in todo], {s.key for s in plan})
+    dataset = tally(config, store, summary, set(before), n_todo, plan)
     summary.timings["total_s"] = round(time.time() - started, 3)
     record = run_record(config, summary, dataset)
     store.write_json("run.json", record)

@@ -1,0 +1,99 @@
+"""Resume against the committed index without the driver holding keys (DESIGN §10): the planned samples not yet
+indexed (an anti-join), and the index statuses of the planned keys (the dataset totals).
+
+Two ways, one answer. A small index (at most ``BROADCAST_KEYS`` rows, estimated from the file count) is read by
+each worker itself (once per process) and looked up there: no shuffle, so a resume of a small job takes seconds.
+A larger one is joined by Ray Data's hash join (``Dataset.join``), which scales with the cluster.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+BROADCAST_KEYS = 2_000_000
+_LOOKUPS: dict[tuple, dict[str, str]] = {}  # per worker process: the index of the current run
+
+
+def arrow_fs(fs) -> Any:
+    """An fsspec filesystem as the pyarrow filesystem Ray's readers take."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def join_partitions(n_index_files: int) -> int:
+    """Hash partitions of a join with the index: about one per 64 index files, at least four."""
+    return max(4, min(512, n_index_files // 64))
+
+
+def broadcast(index_files: list[str], rows_per_file: int) -> bool:
+    return len(index_files) * max(1, rows_per_file) <= BROADCAST_KEYS
+
+
+def _lookup(url: str, files: tuple[str, ...]) -> dict[str, str]:
+    """key -> status of the index files, read in this worker (cached for the run)."""
+    if files not in _LOOKUPS:
+        from pipeline.sink import OutputStore
+
+        store = OutputStore(url)
+        _LOOKUPS.clear()
+        table = {}
+        for path in files:
+            with store.fs.open(path, "rb") as f:
+                part = pq.read_table(f, columns=["key", "status"])
+            table.update(zip(part.column("key").to_pylist(), part.column("status").to_pylist(), strict=True))
+        _LOOKUPS[files] = table
+    return _LOOKUPS[files]
+
+
+def _not_indexed(batch: pa.Table, url: str, files: tuple[str, ...]) -> pa.Table:
+    index = _lookup(url, files)
+    return batch.filter(pa.array([k not in index for k in batch.column("key").to_pylist()], pa.bool_()))
+
+
+def _statuses(batch: pa.Table, url: str, files: tuple[str, ...]) -> pa.Table:
+    index = _lookup(url, files)
+    found = pa.array([index.get(k) for k in batch.column("key").to_pylist()], pa.string()).drop_null()
+    counts = pc.value_counts(found)
+    return pa.table({"status": counts.field("values"), "n": counts.field("counts")},
+                    schema=pa.schema([("status", pa.string()), ("n", pa.int64())]))
+
+
+def todo_dataset(plan: Dataset, store, index_files: list[str], rows_per_file: int) -> Dataset:
+    """The planned samples without a row in the committed index."""
+    if not index_files:
+        return plan
+    if broadcast(index_files, rows_per_file):
+        return plan.map_batches(_not_indexed, batch_format="pyarrow", batch_size=None,
+                                fn_kwargs={"url": store.url, "files": tuple(index_files)})
+    import ray
+
+    keys = ray.data.read_parquet(index_files, filesystem=arrow_fs(store.fs)).select_columns(["key"])
+    return plan.join(keys, "left_anti", num_partitions=join_partitions(len(index_files)), on=("key",))
+
+
+def status_totals(plan: Dataset, store, index_files: list[str], rows_per_file: int) -> dict[str, int]:
+    """How many planned keys the index holds, by status."""
+    totals = {"kept": 0, "rejected": 0, "failed": 0}
+    if not index_files:
+        return totals
+    keys = plan.select_columns(["key"])
+    if broadcast(index_files, rows_per_file):
+        for row in keys.map_batches(_statuses, batch_format="pyarrow", batch_size=None,
+                                    fn_kwargs={"url": store.url, "files": tuple(index_files)}).take_all():
+            totals[row["status"]] = totals.get(row["status"], 0) + row["n"]
+        return totals
+    import ray
+
+    index = ray.data.read_parquet(index_files, filesystem=arrow_fs(store.fs)).select_columns(["key", "status"])
+    joined = keys.join(index, "inner", num_partitions=join_partitions(len(index_files)), on=("key",))
+    for row in joined.groupby("status").count().take_all():
+        totals[row["status"]] = row["count()"]
+    return totals
