@@ -8,6 +8,7 @@ A larger one is joined by Ray Data's hash join (``Dataset.join``), which scales 
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from ray.data import Dataset
 
 BROADCAST_KEYS = 2_000_000
-_LOOKUPS: dict[tuple, dict[str, str]] = {}  # per worker process: the index of the current run
+_LOOKUPS: dict[str, dict[str, str]] = {}  # per worker process: the index as one call saw it (by a fresh token)
 
 
 def arrow_fs(fs) -> Any:
@@ -37,9 +38,10 @@ def broadcast(index_files: list[str], rows_per_file: int) -> bool:
     return len(index_files) * max(1, rows_per_file) <= BROADCAST_KEYS
 
 
-def _lookup(url: str, files: tuple[str, ...]) -> dict[str, str]:
-    """key -> status of the index files, read in this worker (cached for the run)."""
-    if files not in _LOOKUPS:
+def _lookup(url: str, files: tuple[str, ...], token: str) -> dict[str, str]:
+    """key -> status of the index files, read in this worker; cached under ``token``, new for every call of
+    :func:`todo_dataset`/:func:`status_totals` (index files are rewritten in place by --retry-failed)."""
+    if token not in _LOOKUPS:
         from pipeline.sink import OutputStore
 
         store = OutputStore(url)
@@ -49,21 +51,25 @@ def _lookup(url: str, files: tuple[str, ...]) -> dict[str, str]:
             with store.fs.open(path, "rb") as f:
                 part = pq.read_table(f, columns=["key", "status"])
             table.update(zip(part.column("key").to_pylist(), part.column("status").to_pylist(), strict=True))
-        _LOOKUPS[files] = table
-    return _LOOKUPS[files]
+        _LOOKUPS[token] = table
+    return _LOOKUPS[token]
 
 
-def _not_indexed(batch: pa.Table, url: str, files: tuple[str, ...]) -> pa.Table:
-    index = _lookup(url, files)
+def _not_indexed(batch: pa.Table, url: str, files: tuple[str, ...], token: str) -> pa.Table:
+    index = _lookup(url, files, token)
     return batch.filter(pa.array([k not in index for k in batch.column("key").to_pylist()], pa.bool_()))
 
 
-def _statuses(batch: pa.Table, url: str, files: tuple[str, ...]) -> pa.Table:
-    index = _lookup(url, files)
+def _statuses(batch: pa.Table, url: str, files: tuple[str, ...], token: str) -> pa.Table:
+    index = _lookup(url, files, token)
     found = pa.array([index.get(k) for k in batch.column("key").to_pylist()], pa.string()).drop_null()
     counts = pc.value_counts(found)
     return pa.table({"status": counts.field("values"), "n": counts.field("counts")},
                     schema=pa.schema([("status", pa.string()), ("n", pa.int64())]))
+
+
+def _lookup_args(store, index_files: list[str]) -> dict[str, Any]:
+    return {"url": store.url, "files": tuple(index_files), "token": uuid.uuid4().hex}
 
 
 def todo_dataset(plan: Dataset, store, index_files: list[str], rows_per_file: int) -> Dataset:
@@ -72,7 +78,7 @@ def todo_dataset(plan: Dataset, store, index_files: list[str], rows_per_file: in
         return plan
     if broadcast(index_files, rows_per_file):
         return plan.map_batches(_not_indexed, batch_format="pyarrow", batch_size=None,
-                                fn_kwargs={"url": store.url, "files": tuple(index_files)})
+                                fn_kwargs=_lookup_args(store, index_files))
     import ray
 
     keys = ray.data.read_parquet(index_files, filesystem=arrow_fs(store.fs)).select_columns(["key"])
@@ -87,7 +93,7 @@ def status_totals(plan: Dataset, store, index_files: list[str], rows_per_file: i
     keys = plan.select_columns(["key"])
     if broadcast(index_files, rows_per_file):
         for row in keys.map_batches(_statuses, batch_format="pyarrow", batch_size=None,
-                                    fn_kwargs={"url": store.url, "files": tuple(index_files)}).take_all():
+                                    fn_kwargs=_lookup_args(store, index_files)).take_all():
             totals[row["status"]] = totals.get(row["status"], 0) + row["n"]
         return totals
     import ray
