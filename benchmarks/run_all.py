@@ -37,6 +37,14 @@ def update_readme(table: str) -> None:
         readme.write_text(head + start + table + rest[rest.index(end):])
 
 
+def _previous() -> list[dict]:
+    try:
+        record = json.loads((HERE / "results.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [{**r, "date": r.get("date", record.get("date", ""))} for r in record.get("results", [])]
+
+
 def main(selected: list[str]) -> int:
     scripts = sorted(HERE.glob("bench_*.py"))
     if selected:
@@ -51,22 +59,26 @@ def main(selected: list[str]) -> int:
         for r in found:
             r["script"] = script.name
             r["seconds"] = round(time.time() - t0, 1)
+            r["date"] = time.strftime("%Y-%m-%d")
         results.extend(found)
         if proc.returncode != 0 or not found:
             failures.append(script.name)
             print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
+    if selected:  # a partial run replaces the rows of the scripts it ran and keeps the others
+        ran = {s.name for s in scripts}
+        results = [r for r in _previous() if r.get("script") not in ran] + results
+        results.sort(key=lambda r: r["name"])
     record = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "results": results, "failed": failures}
     (HERE / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"Measured {record['date']} on {record['machine']}.", "",
-             "| benchmark | measure | ratio | target | met | figures |", "|---|---|---|---|---|---|"]
+    lines = [f"Measured on {record['machine']}; last run {record['date']}.", "",
+             "| benchmark | measure | ratio | target | met | figures | measured |", "|---|---|---|---|---|---|---|"]
     for r in results:
         figures = ", ".join(f"{k}={v}" for k, v in r["figures"].items())
         lines.append(f"| {r['name']} | {r['what']} | {r['ratio']} | {r['target']} | "
-                     f"{'yes' if r['ok'] else 'no'} | {figures} |")
+                     f"{'yes' if r['ok'] else 'no'} | {figures} | {r.get('date', '')} |")
     table = "\n".join(lines) + "\n"
     (HERE / "results.md").write_text(table)
-    if not selected:
-        update_readme(table)
+    update_readme(table)
     print(table)
     if failures:
         print("benchmarks that failed to report:", ", ".join(failures))

@@ -135,7 +135,7 @@ DebugOpt = Annotated[bool, typer.Option(help="Show tracebacks")]
 
 
 def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bool,
-             retry_failed: str | None = None) -> None:
+             retry_failed: str | None = None, writes: bool = True) -> None:
     """Shared by `run` and `filter`: logging, the output check, the writer lease, one-line errors, a clean stop
     on SIGTERM/SIGINT (exit 143/130), the summary line."""
     from pipeline.config import ConfigError
@@ -150,7 +150,8 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
         _errors_to_log_only()
     _stop_cleanly()
     try:
-        check_output(cfg.output.path)
+        if writes:
+            check_output(cfg.output.path)
         summary = job(cfg, address=address, quiet=quiet, retry_failed=retry_failed)
     except (SourceError, ConfigError) as exc:
         if debug:
@@ -179,6 +180,21 @@ def run(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: Qu
     from pipeline.run import run as run_job
 
     _execute(config, _load(config, set_), run_job, address, quiet, debug, retry_failed)
+
+
+@app.command("plan")
+def plan_cmd(config: Path, set_: SetOpt = None, address: AddressArg = None,
+             out: Annotated[str | None, typer.Option(help="Write the plan as parquet under this new folder "
+                                                          "(local or s3://)")] = None,
+             quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
+    """Build the plan on Ray and print planned=N todo=M (todo: not yet in the output's index); writes nothing
+    under the output."""
+    import functools
+
+    from pipeline.run import plan_only
+
+    _execute(config, _load(config, set_), functools.partial(plan_only, out=out), address, quiet, debug,
+             writes=False)
 
 
 @app.command("filter")

@@ -8,6 +8,7 @@ A larger one is joined by Ray Data's hash join (``Dataset.join``), which scales 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
     from ray.data import Dataset
+
+log = logging.getLogger(__name__)
 
 BROADCAST_KEYS = 2_000_000
 _LOOKUPS: dict[str, dict[str, str]] = {}  # per worker process: the index as one call saw it (by a fresh token)
@@ -48,8 +51,12 @@ def _lookup(url: str, files: tuple[str, ...], token: str) -> dict[str, str]:
         _LOOKUPS.clear()
         table = {}
         for path in files:
-            with store.fs.open(path, "rb") as f:
-                part = pq.read_table(f, columns=["key", "status"])
+            try:
+                with store.fs.open(path, "rb") as f:
+                    part = pq.read_table(f, columns=["key", "status"])
+            except Exception as exc:  # damaged: its samples count as not done (a run quarantines it first)
+                log.warning("skipping unreadable index file %s (%s)", path, exc.__class__.__name__)
+                continue
             table.update(zip(part.column("key").to_pylist(), part.column("status").to_pylist(), strict=True))
         _LOOKUPS[token] = table
     return _LOOKUPS[token]

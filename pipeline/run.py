@@ -215,6 +215,51 @@ def _run(config: RunConfig, plan, started: float, *, quiet: bool, retry_failed: 
     return summary
 
 
+@dataclass
+class PlanSummary:
+    planned: int
+    todo: int
+    written: str | None = None
+
+    def line(self) -> str:
+        return f"planned={self.planned} todo={self.todo}"
+
+
+def plan_only(config: RunConfig, *, address: str | None = None, quiet: bool = False,
+              retry_failed: str | None = None, out: str | None = None) -> PlanSummary:
+    """Build the plan on Ray and count what a run would do now (read-only: no lease, nothing written under the
+    output); with ``out``, write the plan there as parquet, in plan order."""
+    from pipeline.fs import get_fs
+    from pipeline.resume import arrow_fs
+    from pipeline.sources import SourceError
+
+    if out is not None:
+        fs, path = get_fs(out)
+        if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+            raise SourceError(f"--out: {out} exists; give a new folder")
+    listing = list_sources(config)
+    started_ray = init_ray(address or config.ray.address, quiet=quiet)
+    try:
+        configure_data_context(config.ray.wait_for_actors_s, quiet)
+        plan = plan_dataset(config, listing)
+        store = OutputStore(config.output.path, fsync=False)
+        index_files = store.index_files()
+        planned = plan.count()
+        todo = todo_dataset(plan, store, index_files, config.output.samples_per_shard).count() if index_files \
+            else planned
+        if out is not None:
+            from ray.data import DataContext
+
+            DataContext.get_current().execution_options.preserve_order = True
+            plan.write_parquet(path, filesystem=arrow_fs(fs))
+        return PlanSummary(planned, todo, out)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
 def run_record(config: RunConfig, summary: RunSummary, dataset: dict[str, int]) -> dict[str, Any]:
     from operators.clip_score import resolve_clip
 

@@ -83,3 +83,30 @@ def test_a_key_repeated_across_index_files_is_found_by_the_cluster(ray_local, tm
     problems = {p.path.rsplit("/", 1)[-1]: p.what for p in found}
     assert set(problems) == {"0000000000000004.parquet", "0000000000000006.parquet"}
     assert problems["0000000000000004.parquet"].startswith("1 keys are indexed twice, e.g. b (also in ")
+
+
+def test_plan_command_counts_todo_and_writes_the_plan_read_only(samples, tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.config import load_config
+
+    out, plan_dir = tmp_path / "out", tmp_path / "plan"
+    sets = [f"output.path={out}", f"content.images={samples / 'content'}", "content.prompts=null",
+            f"style.images={samples / 'style'}", "pairing.styles_per_content=2"]
+    reference = build_plan(load_config("configs/demo.yaml", sets))
+    _prefill(out, sorted(s.key for s in reference[::3]), per_file=5)
+    before = sorted(p.name for p in out.rglob("*"))
+    args = [sys.executable, "-m", "jobs.cli", "plan", "configs/demo.yaml", "--quiet", "--out", str(plan_dir)]
+    for s in sets:
+        args += ["--set", s]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    done = len(reference[::3])
+    assert proc.stdout.strip().splitlines()[-1] == f"planned={len(reference)} todo={len(reference) - done}"
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written under the output, no lease
+    table = pq.read_table(plan_dir).sort_by("ordinal")
+    assert table.column("ordinal").to_pylist() == list(range(len(reference)))
+    assert table.drop(["ordinal"]).to_pylist() == [s.to_row() for s in reference]
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.strip().endswith(f"--out: {plan_dir} exists; give a new folder")
