@@ -289,8 +289,10 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     """Run (or resume) a filter job under the writer leases of its output and (when it embeds) of its embeddings
     store; returns a RunSummary and writes ``run.json``. ``retry_failed`` re-plans failed samples (those whose
     reason contains it; "" for all), embeddings included."""
+    lease = Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s)
+    lease.check()  # a second writer is refused before it plans
     plan = plan_inputs(cfg)  # read-only: an input error exits before anything is created under the output
-    with Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s):
+    with lease:
         emb_lease = Lease(cfg.embeddings_path(), ttl_s=cfg.output.lease_ttl_s)
         try:
             emb_lease.acquire()

@@ -70,6 +70,30 @@ class Lease:
         (self._acquire_s3 if self.remote else self._acquire_local)()
         return self
 
+    def check(self) -> None:
+        """Raise :class:`LeaseHeld` if another writer holds the lease now; creates and takes nothing. A run calls
+        it before planning, so a second writer is refused at once rather than after its plan."""
+        if self.remote:
+            try:
+                current = self._s3("get_object")
+            except FileNotFoundError:
+                return
+            holder = _parse(sync(self.fs.loop, _read_body, current["Body"]))
+            if holder and time.time() - float(holder.get("renewed", 0)) < float(holder.get("ttl_s", self.ttl_s)):
+                raise LeaseHeld(_holder_text(self.url, holder))
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lease file (a new output) or not readable: acquire decides
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise LeaseHeld(_holder_text(self.url, _parse(os.pread(fd, 65536, 0)))) from None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self.remote:
             self._stop.set()

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_STYLES = 1_000_000
 MAX_PROMPT_POOL = 1_000_000
 MAX_LIST_BLOCKS = 2_000  # blocks of the listing: enough for every worker, few enough for the scheduler
+IMAGES_PER_BLOCK = 50_000  # listed image files per block (nothing to read: only ids and locations)
 LOC_SHIFT = 32  # an item's location: unit << 32 | position in the unit (a unit holds < 2**32 items)
 
 ITEM_SCHEMA = pa.schema([("unit", pa.int64()), ("pos", pa.int64()), ("loc", pa.int64()), ("id", pa.string()),
@@ -108,7 +109,9 @@ def _items(units: list[SourceUnit]) -> Dataset:
     import ray
 
     rows = [{"unit": i, **asdict(u)} for i, u in enumerate(units)]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_LIST_BLOCKS)))
+    # A tar, manifest or prompt list is read (a task each, up to the cap); an image unit costs nothing to "read".
+    reads = sum(u.kind != "image" for u in units) + -(-sum(u.kind == "image" for u in units) // IMAGES_PER_BLOCK)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), reads, MAX_LIST_BLOCKS)))
     return ds.map_batches(_read_units, batch_format="pyarrow", batch_size=None)
 
 

@@ -173,12 +173,14 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
     """Run (or resume) the configured job under the output's writer lease and return its summary; ``run.json``
     records it. ``retry_failed`` re-plans failed samples (those whose reason contains it; "" for all)."""
     started = time.time()
+    lease = Lease(config.output.path, ttl_s=config.output.lease_ttl_s)
+    lease.check()  # a second writer is refused before it plans
     listing = list_sources(config)  # read-only: a source error exits before anything is created under the output
     started_ray = init_ray(address or config.ray.address, quiet=quiet)
     try:
         configure_data_context(config.ray.wait_for_actors_s, quiet)
         plan = plan_dataset(config, listing)
-        with Lease(config.output.path, ttl_s=config.output.lease_ttl_s):
+        with lease:
             return _run(config, plan, started, quiet=quiet, retry_failed=retry_failed)
     finally:
         if started_ray:

@@ -84,3 +84,20 @@ def test_s3_lease_lost_to_another_writer_stops_the_holder(s3_env):
         time.sleep(10)  # the heartbeat's If-Match fails and interrupts the main thread
     assert lease.lost and "lost the writer lease" in lease.lost
     lease.release()
+
+
+def test_check_refuses_while_held_and_creates_nothing(tmp_path, s3_env):
+    fresh = tmp_path / "new-output"
+    Lease(str(fresh)).check()
+    assert not fresh.exists()  # a check never creates the output
+    out = tmp_path / "out"
+    with Lease(str(out)):
+        with pytest.raises(LeaseHeld, match=rf"^{out}: being written by .* pid {os.getpid()} since "):
+            Lease(str(out)).check()
+    Lease(str(out)).check()  # released: no error
+    url = f"s3://{s3_env['bucket']}/out"
+    Lease(url).check()
+    with Lease(url, ttl_s=30):
+        with pytest.raises(LeaseHeld, match=rf"^{url}: being written by "):
+            Lease(url, ttl_s=30).check()
+    Lease(url).check()

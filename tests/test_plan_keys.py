@@ -45,3 +45,28 @@ def test_cluster_plan_carries_the_same_input_locations(ray_local, corpus):
     for name in ("tar_glob_prompts", "manifests_glob_dup_ids"):
         cfg = validate_config(cases(corpus)[name])
         assert collect(plan_dataset(cfg)) == build_plan(cfg)
+
+
+def test_a_source_error_on_a_worker_reaches_the_driver_as_one_line(ray_local, corpus, tmp_path):
+    from pipeline.plan_dataset import plan_dataset
+    from pipeline.sources import SourceError
+
+    bad = tmp_path / "tars"
+    bad.mkdir()
+    (bad / "a.tar").write_bytes((corpus / "tars" / "shard-000.tar").read_bytes())
+    (bad / "b.tar").write_bytes(b"this is not a tar archive at all" * 40)
+    cfg = validate_config({**cases(corpus)["tar"], "content": {"images": str(bad / "*.tar")}})
+    with pytest.raises(SourceError) as err:
+        plan_dataset(cfg)
+    assert type(err.value) is SourceError  # plain: the CLI prints it as one line and exits 2
+    assert str(err.value).startswith(f"content.images: {bad / 'b.tar'} is not a readable tar")
+
+
+def test_the_style_catalogue_is_bounded_with_a_clear_error(ray_local, corpus, monkeypatch):
+    from pipeline import plan_dataset as planner
+    from pipeline.sources import SourceError
+
+    monkeypatch.setattr(planner, "MAX_STYLES", 5)
+    with pytest.raises(SourceError, match=r"^style.images: .* has 7 styles, more than the 5 this version can "
+                                          r"broadcast to every worker$"):
+        planner.plan_dataset(validate_config(cases(corpus)["folder"]))
