@@ -35,10 +35,11 @@ from pipeline.config import (
     ScoringConfig,
     _Strict,
 )
+from pipeline.dedup import clustered_near_duplicates, near_duplicates
 from pipeline.fs import read_range
 from pipeline.integrity import failed_mask, quarantine_unreadable, supersede
 from pipeline.lease import Lease, LeaseHeld
-from pipeline.selection import Candidate, basic_reason, near_duplicates, top_fraction_keys
+from pipeline.selection import Candidate, basic_reason, top_fraction_keys
 from pipeline.sink import OutputStore, commit_rows, shard_name
 from pipeline.sources import IMAGE_EXTS, PROMPT_COLUMNS, SourceError, _expand, _id_root, _relative_id
 from pipeline.tar_index import index_tar
@@ -54,6 +55,9 @@ class CurateFilter(_Strict):
     min_clip: float | None = Field(None, ge=-1, le=1)
     top_fraction: float | None = Field(None, gt=0, le=1)
     dedup_threshold: float | None = Field(None, gt=0, le=1)
+    # clustered: k-means (faiss) then the greedy rule within each cluster (SemDeDup); greedy: the exact rule
+    # over the whole pool, O(n^2). See pipeline.dedup.
+    dedup_method: Literal["clustered", "greedy"] = "clustered"
     min_side: int | None = Field(None, ge=1)
     max_aspect: float | None = Field(None, ge=1)
     min_caption_chars: int | None = Field(None, ge=0)
@@ -78,7 +82,10 @@ class FilterRunConfig(_Strict):
         return self.embeddings.path or f"{self.output.path.rstrip('/')}/embeddings"
 
     def filter_hash(self) -> str:
-        blob = json.dumps({"filter": self.filter.model_dump(), "input": self.input.shards,
+        rules = self.filter.model_dump()
+        if rules["dedup_method"] == "greedy" or rules["dedup_threshold"] is None:
+            del rules["dedup_method"]  # the rule of outputs made before the option existed: their hash stays
+        blob = json.dumps({"filter": rules, "input": self.input.shards,
                            "clip": [self.scoring.clip_model, self.scoring.clip_pretrained]}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -241,7 +248,8 @@ def decide(plan: list[dict[str, Any]], emb: pa.Table, f: CurateFilter) -> dict[s
     if f.dedup_threshold is not None and candidates:
         idx = [by_key[k] for k in candidates]
         mat = np.asarray(emb.column("image_emb").take(pa.array(idx)).to_pylist(), dtype=np.float32)
-        for key, (twin, cos) in near_duplicates(candidates, mat, scores, f.dedup_threshold).items():
+        dedup = clustered_near_duplicates if f.dedup_method == "clustered" else near_duplicates
+        for key, (twin, cos) in dedup(candidates, mat, scores, f.dedup_threshold).items():
             decisions[key] = ("rejected", f"near-duplicate of {twin} (cosine {cos:.4f})", scores.get(key))
     if f.top_fraction is not None:
         best = top_fraction_keys(scores, f.top_fraction)

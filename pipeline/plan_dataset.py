@@ -47,6 +47,7 @@ MAX_STYLES = 1_000_000
 MAX_PROMPT_POOL = 1_000_000
 MAX_LIST_BLOCKS = 2_000  # blocks of the listing: enough for every worker, few enough for the scheduler
 IMAGES_PER_BLOCK = 50_000  # listed image files per block (nothing to read: only ids and locations)
+SMALL_PLAN = 500_000  # samples of a plan kept in the object store (~150 MB) instead of recomputed per pass
 LOC_SHIFT = 32  # an item's location: unit << 32 | position in the unit (a unit holds < 2**32 items)
 
 ITEM_SCHEMA = pa.schema([("unit", pa.int64()), ("pos", pa.int64()), ("loc", pa.int64()), ("id", pa.string()),
@@ -76,9 +77,9 @@ def source_error_in(exc: BaseException) -> SourceError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, PlanSourceError):
+        if isinstance(exc, PlanSourceError) and isinstance(getattr(exc, "message", None), str):
             return SourceError(exc.message)
-        exc = exc.__cause__ or exc.__context__
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # Ray keeps it as .cause
     return None
 
 
@@ -117,6 +118,10 @@ def _items(units: list[SourceUnit]) -> Dataset:
 
 def _run(step, what: str):
     """Execute a Ray Data step; a source failure on a worker comes back as the SourceError the CLI prints."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    original, ctx.raise_original_map_exception = ctx.raise_original_map_exception, True  # not UserCodeException
     try:
         return step()
     except Exception as exc:
@@ -124,6 +129,8 @@ def _run(step, what: str):
         if found is None:
             raise
         raise found from None
+    finally:
+        ctx.raise_original_map_exception = original
 
 
 def _to_source_items(table: pa.Table) -> list[SourceItem]:
@@ -304,10 +311,15 @@ def plan_dataset(config: RunConfig, listing: Listing | None = None) -> Dataset:
     bases = _bases(items, len(units), dropped)
     if config.pairing.limit == 0:
         return ray.data.from_arrow(PLAN_SCHEMA.empty_table())
-    context = ray.put(_PairContext(styles, pool, bases, dropped, config))
+    ctx = _PairContext(styles, pool, bases, dropped, config)
+    context = ray.put(ctx)
     # The ref travels inside a list: Ray Data would otherwise resolve it into every task's arguments.
-    return items.map_batches(_pair_items, batch_format="pyarrow", batch_size=None,
+    plan = items.map_batches(_pair_items, batch_format="pyarrow", batch_size=None,
                              fn_kwargs={"context_ref": [context]})
+    at_most = (items.count() - len(dropped)) * ctx.per_content
+    if at_most <= SMALL_PLAN:  # held in the object store: counting and resuming it costs no new pass
+        return _run(plan.materialize, "content")
+    return plan
 
 
 def rows_to_samples(table: pa.Table) -> list[PlannedSample]:

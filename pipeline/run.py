@@ -21,7 +21,7 @@ from pipeline.card import write_card
 from pipeline.config import RunConfig
 from pipeline.integrity import failed_mask, startup_repair, supersede
 from pipeline.lease import Lease
-from pipeline.plan_dataset import SAMPLE_COLUMNS, list_sources, plan_dataset
+from pipeline.plan_dataset import SAMPLE_COLUMNS, SMALL_PLAN, list_sources, plan_dataset
 from pipeline.progress import ProgressReporter
 from pipeline.resume import status_totals, todo_dataset
 from pipeline.sink import OutputStore, ShardDatasink
@@ -195,6 +195,8 @@ def _run(config: RunConfig, plan, started: float, *, quiet: bool, retry_failed: 
     before = store.index_files()
     planned = plan.count()
     todo = todo_dataset(plan, store, before, config.output.samples_per_shard)
+    if before and planned <= SMALL_PLAN:
+        todo = todo.materialize()  # counted and executed from the object store, not computed twice
     n_todo = todo.count() if before else planned
     summary = RunSummary(planned=planned, skipped=planned - n_todo, **opened)
     summary.timings["plan_s"] = round(time.time() - started, 3)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass
 class Candidate:
@@ -27,30 +25,6 @@ def top_fraction_keys(scores: dict[str, float], fraction: float) -> set[str]:
     keep = int(math.floor(fraction * len(scores) + 0.5))
     ranked = sorted(scores, key=lambda k: (-scores[k], k))
     return set(ranked[:keep])
-
-
-def near_duplicates(keys: list[str], embeddings: np.ndarray, scores: dict[str, float],
-                    threshold: float) -> dict[str, tuple[str, float]]:
-    """Greedy near-duplicate removal by image-embedding cosine: walk samples from the best CLIP score down and
-    drop one whose cosine with an already kept sample is >= threshold. Returns ``{dropped: (kept, cosine)}``.
-
-    Embeddings must be L2-normalised. Cost is O(n * kept) dot products; fine up to a few hundred thousand
-    samples per run (an approximate-nearest-neighbour index would be the next step beyond that).
-    """
-    order = sorted(range(len(keys)), key=lambda i: (-scores.get(keys[i], -math.inf), keys[i]))
-    kept = np.empty_like(embeddings, dtype=np.float32)
-    kept_keys: list[str] = []
-    dropped: dict[str, tuple[str, float]] = {}
-    for i in order:
-        if kept_keys:
-            sims = kept[: len(kept_keys)] @ embeddings[i]
-            j = int(np.argmax(sims))
-            if sims[j] >= threshold:
-                dropped[keys[i]] = (kept_keys[j], float(sims[j]))
-                continue
-        kept[len(kept_keys)] = embeddings[i]
-        kept_keys.append(keys[i])
-    return dropped
 
 
 def basic_reason(c: Candidate, *, min_side: int | None, max_aspect: float | None, min_caption_chars: int | None,

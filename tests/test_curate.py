@@ -16,7 +16,8 @@ from PIL import Image
 
 from pipeline.config import validate_config
 from pipeline.curate import FilterRunConfig, curate, plan_inputs
-from pipeline.selection import near_duplicates, top_fraction_keys
+from pipeline.dedup import near_duplicates
+from pipeline.selection import top_fraction_keys
 from tests.invariants import check_invariants, read_index
 
 REPO = Path(__file__).resolve().parents[1]
