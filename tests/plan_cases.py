@@ -5,26 +5,15 @@ Ids are relative to the corpus root, so the keys do not depend on where the corp
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.unit_helpers import solid_png
+from tests.unit_helpers import solid_png, wds_tar
 
 RECORDED = Path(__file__).parent / "data" / "plan_keys.json"
-
-
-def _tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def build_corpus(root: Path) -> Path:
@@ -37,9 +26,9 @@ def build_corpus(root: Path) -> Path:
             (root / sub / name).parent.mkdir(parents=True, exist_ok=True)
             (root / sub / name).write_bytes(png[i + (0 if sub == "style" else 10)])
     (root / "tars").mkdir()
-    _tar(root / "tars" / "shard-000.tar", {"a": {"png": png[1], "txt": b"a red fox"}, "b": {"png": png[2]},
+    wds_tar(root / "tars" / "shard-000.tar", {"a": {"png": png[1], "txt": b"a red fox"}, "b": {"png": png[2]},
                                            "c": {"txt": b"no image"}})
-    _tar(root / "tars" / "shard-001.tar", {"d": {"jpg": png[3], "json": b'{"caption": "a harbour"}'}})
+    wds_tar(root / "tars" / "shard-001.tar", {"d": {"jpg": png[3], "json": b'{"caption": "a harbour"}'}})
     (root / "manifests").mkdir()
     pq.write_table(pa.table({"id": ["m1", "m2", "dup"], "image": ["../content/c0.png", "../content/c1.png",
                                                                     "../content/deep/c2.png"],

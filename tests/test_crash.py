@@ -28,12 +28,13 @@ def _sets(out: Path, samples: Path) -> list[str]:
             "operator.batch_size=1", "decode.max_side=96", "scoring.clip_model=tiny:clip", "scoring.batch_size=3"]
 
 
-def _start(sets: list[str], env: dict | None = None) -> subprocess.Popen:
+def _start(sets: list[str], env: dict | None = None, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``stylegen run configs/demo.yaml --quiet`` with ``--set`` overrides, in its own process group."""
     args = [sys.executable, "-m", "jobs.cli", "run", "configs/demo.yaml", "--quiet"]
     for s in sets:
         args += ["--set", s]
     return subprocess.Popen(args, cwd=REPO, env={**os.environ, **(env or {})}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def _group_alive(pgid: int) -> list[int]:

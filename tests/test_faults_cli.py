@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pipeline.lease import Lease
 from pipeline.plan import build_plan
 from tests.invariants import check_invariants
 from tests.test_crash import _group_alive, _kill_group
+from tests.test_crash import _start as start_run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -32,11 +32,7 @@ def _sets(out: str, samples: Path, per_content: int = 2) -> list[str]:
 
 
 def _start(sets: list[str], env: dict | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "jobs.cli", "run", "configs/demo.yaml", "--quiet"]
-    for s in sets:
-        args += ["--set", s]
-    return subprocess.Popen(args, cwd=REPO, env={**os.environ, **(env or {})}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_run(sets, env, stderr=subprocess.PIPE)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:

@@ -7,11 +7,9 @@ after a few seconds instead of blocking the test session; a reader stuck on a FI
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
-import tarfile
 import threading
 import time
 from collections.abc import Sequence
@@ -27,7 +25,7 @@ from pipeline.plan import build_plan
 from pipeline.sources import SourceError, read_content, read_images, read_prompts
 from pipeline.stages import decode_batch, to_table
 from pipeline.tar_index import index_tar
-from tests.unit_helpers import solid_png
+from tests.unit_helpers import solid_png, wds_tar
 
 LIMIT_S = 20
 
@@ -76,16 +74,6 @@ def sock(path: Path) -> socket.socket | None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(path))
     return s
-
-
-def wds_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -70,3 +71,14 @@ def lab_pixels(im: Image.Image) -> np.ndarray:
     f = np.where(xyz > eps, np.cbrt(xyz), (kappa * xyz + 16) / 116)
     lab = np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
     return lab.reshape(-1, 3)
+
+
+def wds_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
+    """A WebDataset tar at ``path``: ``{sample key: {extension: bytes}}``, members in that order."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
