@@ -58,6 +58,8 @@ class CurateFilter(_Strict):
     # clustered: k-means (faiss) then the greedy rule within each cluster (SemDeDup); greedy: the exact rule
     # over the whole pool, O(n^2). See pipeline.dedup.
     dedup_method: Literal["clustered", "greedy"] = "clustered"
+    # byte-identical image payloads keep one sample (best CLIP score, ties by key); runs before the semantic dedup
+    dedup_exact: bool = False
     min_side: int | None = Field(None, ge=1)
     max_aspect: float | None = Field(None, ge=1)
     min_caption_chars: int | None = Field(None, ge=0)
@@ -85,6 +87,8 @@ class FilterRunConfig(_Strict):
         rules = self.filter.model_dump()
         if rules["dedup_method"] == "greedy" or rules["dedup_threshold"] is None:
             del rules["dedup_method"]  # the rule of outputs made before the option existed: their hash stays
+        if not rules["dedup_exact"]:
+            del rules["dedup_exact"]
         blob = json.dumps({"filter": rules, "input": self.input.shards,
                            "clip": [self.scoring.clip_model, self.scoring.clip_pretrained]}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
@@ -94,6 +98,7 @@ EMB_SCHEMA = pa.schema([
     ("key", pa.string()), ("clip", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
     ("caption", pa.string()), ("error", pa.string()),
     ("image_emb", pa.list_(pa.float32())), ("text_emb", pa.list_(pa.float32())),
+    ("sha1", pa.string()),  # of the image member's bytes (exact dedup); null in files embedded before it existed
 ])
 
 
@@ -164,7 +169,7 @@ class Embedder:
         for row in rows:
             members = json.loads(row["members"])
             rec = {"key": row["key"], "clip": None, "width": None, "height": None, "caption": None, "error": None,
-                   "image_emb": None, "text_emb": None}
+                   "image_emb": None, "text_emb": None, "sha1": None}
             out.append(rec)
             ext = next((e for e in IMAGE_EXTS if e in members), None)
             if row.get("error"):
@@ -175,6 +180,7 @@ class Embedder:
                 continue
             try:
                 data = read_range(row["url"], *members[ext])
+                rec["sha1"] = hashlib.sha1(data).hexdigest()
                 with Image.open(io.BytesIO(data)) as probe:
                     rec["width"], rec["height"] = probe.size
                 image = decode_image(data, max_pixels=self.decode.max_pixels, max_side=self.decode.max_side)
@@ -245,6 +251,8 @@ def decide(plan: list[dict[str, Any]], emb: pa.Table, f: CurateFilter) -> dict[s
         decisions[rec.key] = ("rejected", reason, rec.clip) if reason else ("kept", None, rec.clip)
         if not reason:
             candidates.append(rec.key)
+    if f.dedup_exact and candidates:
+        candidates = _exact_duplicates(candidates, emb, by_key, scores, decisions)
     if f.dedup_threshold is not None and candidates:
         idx = [by_key[k] for k in candidates]
         mat = np.asarray(emb.column("image_emb").take(pa.array(idx)).to_pylist(), dtype=np.float32)
@@ -257,6 +265,45 @@ def decide(plan: list[dict[str, Any]], emb: pa.Table, f: CurateFilter) -> dict[s
             if status == "kept" and key not in best:
                 decisions[key] = ("rejected", f"not in top_fraction {f.top_fraction} of the pool", clip)
     return decisions
+
+
+def _exact_duplicates(candidates: list[str], emb: pa.Table, by_key: dict[str, int], scores: dict[str, float],
+                      decisions: dict[str, Decision]) -> list[str]:
+    """Reject all but the best-scored (ties by key) of each group of byte-identical images; return the rest."""
+    hashes = emb.column("sha1").to_pylist() if "sha1" in emb.column_names else [None] * emb.num_rows
+    best: dict[str, str] = {}
+    unhashed = 0
+    for key in sorted(candidates, key=lambda k: (-scores.get(k, -math.inf), k)):
+        digest = hashes[by_key[key]]
+        if digest is None:
+            unhashed += 1
+        elif digest in best:
+            decisions[key] = ("rejected", f"exact duplicate of {best[digest]} (sha1 {digest[:12]})",
+                              decisions[key][2])
+        else:
+            best[digest] = key
+    if unhashed:
+        log.warning("dedup_exact: %d samples were embedded before image hashes were recorded; they are not "
+                    "checked (re-embed with a new embeddings.path to include them)", unhashed)
+    return [k for k in candidates if decisions[k][0] == "kept"]
+
+
+RULES = (("failed", None), ("exact_duplicate", "exact duplicate of "), ("near_duplicate", "near-duplicate of "),
+         ("top_fraction", "not in top_fraction"), ("min_clip", "clip "), ("no_caption", "no caption to score"))
+
+
+def removed_by(decisions: dict[str, Decision]) -> dict[str, int]:
+    """How many samples each rule removed (``basic``: size, aspect ratio, caption length)."""
+    counts = {name: 0 for name, _ in RULES} | {"basic": 0}
+    for status, reason, _ in decisions.values():
+        if status == "kept":
+            continue
+        if status == "failed":
+            counts["failed"] += 1
+            continue
+        name = next((n for n, prefix in RULES if prefix and (reason or "").startswith(prefix)), "basic")
+        counts[name] += 1
+    return counts
 
 
 # ---- pass 3: write ----------------------------------------------------------------------------------------
@@ -360,6 +407,7 @@ def _curate(cfg: FilterRunConfig, plan: list[dict[str, Any]], *, address: str | 
     to_embed = [r for r in plan if r["key"] not in embedded]
     to_write = [r for r in plan if r["key"] not in done]
     summary = RunSummary(planned=len(plan), skipped=len(plan) - len(to_write), **opened)
+    removed: dict[str, int] | None = None  # by rule, over the whole pool; None when nothing was decided
     started_ray = False
     try:
         if to_embed or to_write:
@@ -380,6 +428,7 @@ def _curate(cfg: FilterRunConfig, plan: list[dict[str, Any]], *, address: str | 
         if to_write:
             emb = emb_store.read_tables(".", None)
             decisions = decide(plan, emb, cfg.filter)
+            removed = removed_by(decisions)
             rows = []
             for r in to_write:
                 status, reason, clip = decisions[r["key"]]
@@ -400,6 +449,7 @@ def _curate(cfg: FilterRunConfig, plan: list[dict[str, Any]], *, address: str | 
         "kind": "filter", "config": cfg.model_dump(mode="json"), "filter_hash": cfg.filter_hash(),
         "versions": package_versions(), "this_run": asdict(summary),
         "counters": {"clip_images_encoded": len(to_embed), "embeddings_reused": len(plan) - len(to_embed)},
+        "removed_by": removed if removed is not None else (previous or {}).get("removed_by"),
         "dataset": dataset, "scores_meaningful": meaningful,
     })
     return summary

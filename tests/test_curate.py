@@ -148,6 +148,21 @@ def test_filter_top_fraction_dedup_and_embedding_reuse(ray_local, samples, tmp_p
     assert len(rejected) == 2
     kept_keys = {r["key"] for r in rows3.values() if r["status"] == "kept"}
     assert all(r["reason"].split()[2] in kept_keys for r in rejected)
+    removed = json.loads((tmp_path / "dedup" / "run.json").read_text())["removed_by"]
+    assert removed["near_duplicate"] == 2 and sum(removed.values()) == 2
+
+    # Exact dedup: byte-identical images (sha1 recorded at embedding) keep the best-scored one, no CLIP work.
+    curate(_cfg(tmp_path, "exact", dedup_exact=True, embeddings=str(tmp_path / "half" / "embeddings")), quiet=True)
+    rows4 = {r["content_id"].split("/", 1)[1]: r for r in read_index(str(tmp_path / "exact"))}
+    exact = sorted(r["content_id"] for r in rows4.values() if r["status"] == "rejected")
+    assert exact == sorted(r["content_id"] for r in rejected)  # the same two pairs as the semantic rule
+    for r in rows4.values():
+        if r["status"] == "rejected":
+            twin = next(t for t in rows4.values() if t["key"] == r["reason"].split()[3])
+            assert r["reason"].startswith("exact duplicate of ") and twin["status"] == "kept"
+            assert (-twin["clip_content"], twin["key"]) < (-r["clip_content"], r["key"])  # the better-ranked
+    run4 = json.loads((tmp_path / "exact" / "run.json").read_text())
+    assert run4["removed_by"]["exact_duplicate"] == 2 and run4["counters"]["clip_images_encoded"] == 0
 
     # Rerun: nothing to do. Changing the filters on the same output is refused with a clear error.
     assert curate(cfg, quiet=True).skipped == 23
