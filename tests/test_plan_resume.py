@@ -110,3 +110,18 @@ def test_plan_command_counts_todo_and_writes_the_plan_read_only(samples, tmp_pat
     assert table.drop(["ordinal"]).to_pylist() == [s.to_row() for s in reference]
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and again.stderr.strip().endswith(f"--out: {plan_dir} exists; give a new folder")
+
+
+def test_plan_command_writes_the_plan_to_s3(samples, s3_env):
+    import subprocess
+    import sys
+
+    fs, bucket = s3_env["fs"], s3_env["bucket"]
+    args = [sys.executable, "-m", "jobs.cli", "plan", "configs/demo.yaml", "--quiet", "--out", f"s3://{bucket}/plan",
+            "--set", f"output.path=s3://{bucket}/out", "--set", f"style.images={samples / 'style'}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    planned = int(proc.stdout.strip().splitlines()[-1].split()[0].split("=")[1])
+    files = fs.glob(f"{bucket}/plan/*.parquet")
+    assert files and sum(pq.read_table(fs.open(f, "rb")).num_rows for f in files) == planned > 0
+    assert not fs.exists(f"{bucket}/out")  # read-only for the output
