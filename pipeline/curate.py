@@ -103,23 +103,57 @@ EMB_SCHEMA = pa.schema([
 
 
 # ---- plan --------------------------------------------------------------------------------------------------
+LISTING_TASKS = 2_000  # at most this many Ray tasks index the input tars (a chunk of tars each)
+
+
 def plan_inputs(cfg: FilterRunConfig) -> list[dict[str, Any]]:
-    """One row per input sample: key, source id, tar URL and member offsets (no image bytes read)."""
+    """One row per input sample: key, source id, tar URL and member offsets (no image bytes read). With Ray
+    initialised the tars are indexed by Ray tasks in parallel (the driver lists file names only); the rows come
+    back in file order."""
     urls = _expand(cfg.input.shards, "input.shards", exclude=[cfg.output.path])  # never its own output
     if not urls:
         raise SourceError(f"input.shards: no files match {cfg.input.shards}")
     from pipeline.fs import get_fs
 
     root = _id_root(get_fs(cfg.input.shards)[1])
+    jobs = [(url, _relative_id(url, root)) for url in urls]
+    size = max(1, -(-len(jobs) // LISTING_TASKS))
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    import ray
+
+    if len(chunks) < 2 or not ray.is_initialized():
+        return [row for chunk in chunks for row in _index_tars(chunk)]
+    from pipeline.plan_dataset import source_error_in
+
+    task = ray.remote(num_cpus=1)(_index_tars_task)
+    try:
+        parts = ray.get([task.remote(chunk) for chunk in chunks])
+    except Exception as exc:
+        found = source_error_in(exc)
+        if found is None:
+            raise
+        raise found from None
+    return [row for part in parts for row in part]
+
+
+def _index_tars_task(jobs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    from pipeline.plan_dataset import PlanSourceError
+
+    try:
+        return _index_tars(jobs)
+    except SourceError as exc:
+        raise PlanSourceError(str(exc)) from None
+
+
+def _index_tars(jobs: list[tuple[str, str]]) -> list[dict[str, Any]]:
     rows = []
-    for url in urls:
+    for url, base in jobs:
         try:
             tar = index_tar(url)
         except FileNotFoundError:
             raise SourceError(f"input.shards: not found: {url}") from None
         except Exception as exc:
             raise SourceError(f"input.shards: cannot read {url} ({exc.__class__.__name__}: {exc})") from None
-        base = _relative_id(url, root)
         for sample in tar.samples:
             source_id = f"{base}/{sample.key}"
             rows.append({"key": hashlib.sha1(source_id.encode()).hexdigest()[:16], "content_id": source_id,
@@ -344,9 +378,23 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     """Run (or resume) a filter job under the writer leases of its output and (when it embeds) of its embeddings
     store; returns a RunSummary and writes ``run.json``. ``retry_failed`` re-plans failed samples (those whose
     reason contains it; "" for all), embeddings included."""
+    from pipeline.run import init_ray
+
     lease = Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
-    plan = plan_inputs(cfg)  # read-only: an input error exits before anything is created under the output
+    started_ray = init_ray(address or cfg.ray.address, quiet=quiet)
+    try:
+        plan = plan_inputs(cfg)  # read-only: an input error exits before anything is created under the output
+        return _leased(cfg, lease, plan, address=address, quiet=quiet, retry_failed=retry_failed)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _leased(cfg: FilterRunConfig, lease: Lease, plan: list[dict[str, Any]], *, address: str | None, quiet: bool,
+            retry_failed: str | None):
     with lease:
         emb_lease = Lease(cfg.embeddings_path(), ttl_s=cfg.output.lease_ttl_s)
         try:

@@ -172,3 +172,19 @@ def test_filter_top_fraction_dedup_and_embedding_reuse(ray_local, samples, tmp_p
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "other settings" in proc.stderr, proc.stderr
     assert len(read_index(str(tmp_path / "half"))) == 23
+
+
+def test_input_tars_are_indexed_by_ray_tasks_in_file_order(ray_local, samples, tmp_path, monkeypatch):
+    import ray
+
+    from pipeline.sources import SourceError
+
+    _shards(tmp_path, samples)
+    cfg = _cfg(tmp_path, "out")
+    on_ray = plan_inputs(cfg)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert on_ray == plan_inputs(cfg)  # the same rows, in the same order, as indexing in this process
+    monkeypatch.undo()
+    (tmp_path / "corpus-1.tar").write_bytes(b"not a tar" * 300)
+    with pytest.raises(SourceError, match=r"^input.shards: cannot read .*corpus-1.tar \(ReadError"):
+        plan_inputs(cfg)
