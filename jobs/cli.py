@@ -65,17 +65,18 @@ def _unexpected(exc: Exception, debug: bool, output: str = "") -> None:
     _fail(f"run failed: {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)", code=1)
 
 
-def _errors_to_log_only() -> None:
+def _errors_to_log_only(quiet: bool = False) -> None:
     """Ray Data prints a failed task's tracebacks to stderr (and to its log file in the Ray session folder);
-    the CLI prints the one line that matters, so keep the tracebacks in the log file only."""
+    the CLI prints the one line that matters, so keep the tracebacks in the log file only. With ``--quiet`` its
+    INFO lines (datasets started and finished) stay in the log file too."""
     import ray.data  # noqa: F401  (configures the ray.data loggers, which we then adjust)
 
-    def below_error(record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
+    def for_console(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and (not quiet or record.levelno >= logging.WARNING)
 
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):
-            handler.addFilter(below_error)
+            handler.addFilter(for_console)
 
 
 class Stopped(BaseException):
@@ -147,7 +148,7 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     if not debug:  # "Found credentials in environment variables" before an error would break its one line
         for name in ("botocore", "aiobotocore", "s3fs"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        _errors_to_log_only()
+        _errors_to_log_only(quiet)
     _stop_cleanly()
     try:
         if writes:

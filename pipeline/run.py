@@ -79,15 +79,16 @@ def init_ray(address: str | None, quiet: bool = False) -> bool:
 def _ray_init(address: str | None, quiet: bool) -> None:
     import ray
 
+    level = {"logging_level": logging.WARNING} if quiet else {}  # --quiet: no "Started a local Ray instance"
     if address:
-        ray.init(address=address, log_to_driver=not quiet)
+        ray.init(address=address, log_to_driver=not quiet, **level)
     else:
         # Logical CPUs only bound concurrency: the stylize and score actors each hold one, and the decode
         # and write tasks need room beside them even on a 2-core laptop.
         # address="local" always starts a private instance, never attaches to a `ray start` cluster that
         # happens to run on this machine.
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=not quiet)
+                 log_to_driver=not quiet, **level)
 
 
 def _gpu_args(num_gpus: float) -> dict[str, float]:

@@ -173,6 +173,7 @@ def test_a_fifo_among_the_style_images_does_not_hang_the_run(samples, tmp_path):
     rc, stdout, stderr = _finish(_start(sets), timeout=240)
     assert rc == 0, stderr
     assert "zz-pipe.png" in stderr  # one warning naming the skipped file
+    assert not [line for line in stderr.splitlines() if " INFO " in line], stderr  # --quiet: warnings, errors
     rows = check_invariants(str(out), _planned(sets))
     assert rows and all(r["status"] == "kept" for r in rows)
     assert not any("zz-pipe" in (r.get("style_url") or "") for r in rows)
