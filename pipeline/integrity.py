@@ -97,12 +97,10 @@ CHUNK = 64  # index files per Ray task
 
 def _map_chunks(fn, url: str, jobs: list, *args) -> list:
     """``fn(url, chunk, *args)`` over chunks of ``jobs``: Ray tasks when Ray is initialised, else in-process."""
+    import ray
+
     chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency
-        ray = None
-    if ray is not None and ray.is_initialized() and chunks:  # the driver reads no index file itself
+    if ray.is_initialized() and chunks:  # the driver reads no index file itself
         task = ray.remote(num_cpus=1)(fn)
         return [r for part in ray.get([task.remote(url, chunk, *args) for chunk in chunks]) for r in part]
     return [r for chunk in chunks for r in fn(url, chunk, *args)]

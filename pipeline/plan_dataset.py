@@ -33,6 +33,7 @@ from pipeline.sources import (
     SourceError,
     SourceItem,
     SourceUnit,
+    _dedupe,
     list_image_units,
     list_prompt_units,
     read_unit,
@@ -145,18 +146,6 @@ def _gather(units: list[SourceUnit], key: str, spec: str, bound: int, what: str)
         raise SourceError(f"{key}: {spec} has {table.num_rows} {what}, more than the {bound} this version can "
                           f"broadcast to every worker")
     return _to_source_items(table)
-
-
-def _dedupe_ordered(items: list[SourceItem]) -> list[SourceItem]:
-    seen: set[str] = set()
-    out = []
-    for item in items:
-        if item.id not in seen:
-            seen.add(item.id)
-            out.append(item)
-        else:
-            log.warning("duplicate source id %r: keeping the first occurrence", item.id)
-    return out
 
 
 def _repeats(items: Dataset, units: list[SourceUnit]) -> list[int]:
@@ -304,7 +293,7 @@ def plan_dataset(config: RunConfig, listing: Listing | None = None) -> Dataset:
         what = "images" if listing.content_key == "content.images" else "prompts"
         raise SourceError(f"{listing.content_key}: no {what} in {listing.content_spec}")
     styles = _gather(listing.styles, "style.images", config.style.images, MAX_STYLES, "styles")
-    styles = _dedupe_ordered(styles)
+    styles = _dedupe(styles)
     if not styles:
         raise SourceError(f"style.images: no images in {config.style.images}")
     dropped = _run(lambda: _repeats(items, units), "content")

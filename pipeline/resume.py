@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -45,16 +44,15 @@ def _lookup(url: str, files: tuple[str, ...], token: str) -> dict[str, str]:
     """key -> status of the index files, read in this worker; cached under ``token``, new for every call of
     :func:`todo_dataset`/:func:`status_totals` (index files are rewritten in place by --retry-failed)."""
     if token not in _LOOKUPS:
-        from pipeline.sink import OutputStore
+        from pipeline.sink import DamagedFile, OutputStore
 
         store = OutputStore(url)
         _LOOKUPS.clear()
         table = {}
         for path in files:
             try:
-                with store.fs.open(path, "rb") as f:
-                    part = pq.read_table(f, columns=["key", "status"])
-            except Exception as exc:  # damaged: its samples count as not done (a run quarantines it first)
+                part = store.read_parquet(path, ["key", "status"])
+            except (DamagedFile, FileNotFoundError) as exc:  # its samples count as not done (a run quarantines it)
                 log.warning("skipping unreadable index file %s (%s)", path, exc.__class__.__name__)
                 continue
             table.update(zip(part.column("key").to_pylist(), part.column("status").to_pylist(), strict=True))
