@@ -16,13 +16,10 @@ import hashlib
 import io
 import json
 import logging
-import math
-import posixpath
 import time
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
@@ -35,14 +32,15 @@ from pipeline.config import (
     ScoringConfig,
     _Strict,
 )
-from pipeline.dedup import clustered_near_duplicates, near_duplicates
 from pipeline.fs import read_range
 from pipeline.integrity import failed_mask, quarantine_unreadable, supersede
 from pipeline.lease import Lease, LeaseHeld
-from pipeline.selection import Candidate, basic_reason, top_fraction_keys
 from pipeline.sink import OutputStore, commit_rows, shard_name
 from pipeline.sources import IMAGE_EXTS, PROMPT_COLUMNS, SourceError, _expand, _id_root, _relative_id
 from pipeline.tar_index import index_tar
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -102,45 +100,47 @@ EMB_SCHEMA = pa.schema([
 ])
 
 
-# ---- plan --------------------------------------------------------------------------------------------------
+# ---- plan ----------------------------------------------------------------------------------------------
 LISTING_TASKS = 2_000  # at most this many Ray tasks index the input tars (a chunk of tars each)
+INPUT_SCHEMA = pa.schema([("key", pa.string()), ("content_id", pa.string()), ("url", pa.string()),
+                          ("members", pa.string()), ("error", pa.string())])
 
 
-def plan_inputs(cfg: FilterRunConfig) -> list[dict[str, Any]]:
-    """One row per input sample: key, source id, tar URL and member offsets (no image bytes read). With Ray
-    initialised the tars are indexed by Ray tasks in parallel (the driver lists file names only); the rows come
-    back in file order."""
+def list_inputs(cfg: FilterRunConfig) -> list[tuple[str, str]]:
+    """The input tars (URL, id base) in name order: the only per-file state the driver holds."""
     urls = _expand(cfg.input.shards, "input.shards", exclude=[cfg.output.path])  # never its own output
     if not urls:
         raise SourceError(f"input.shards: no files match {cfg.input.shards}")
     from pipeline.fs import get_fs
 
     root = _id_root(get_fs(cfg.input.shards)[1])
-    jobs = [(url, _relative_id(url, root)) for url in urls]
-    size = max(1, -(-len(jobs) // LISTING_TASKS))
-    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    return [(url, _relative_id(url, root)) for url in urls]
+
+
+def input_dataset(jobs: list[tuple[str, str]]) -> Dataset:
+    """One row per input sample (key, source id, tar URL, member offsets; no image bytes read), the tars indexed
+    by Ray tasks, a chunk of tars each; lazy, so the rows stream into the embed pass."""
     import ray
 
-    if len(chunks) < 2 or not ray.is_initialized():
-        return [row for chunk in chunks for row in _index_tars(chunk)]
-    from pipeline.plan_dataset import source_error_in
-
-    task = ray.remote(num_cpus=1)(_index_tars_task)
-    try:
-        parts = ray.get([task.remote(chunk) for chunk in chunks])
-    except Exception as exc:
-        found = source_error_in(exc)
-        if found is None:
-            raise
-        raise found from None
-    return [row for part in parts for row in part]
+    items = [{"url": url, "base": base} for url, base in jobs]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), LISTING_TASKS))).map_batches(
+        _index_block, batch_format="pyarrow", batch_size=None)
 
 
-def _index_tars_task(jobs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def index_inputs(jobs: list[tuple[str, str]]) -> Dataset:
+    """:func:`input_dataset` indexed once into the object store (the driver holds block references only); a tar
+    that cannot be read raises the SourceError the CLI prints."""
+    from pipeline.plan_dataset import _run
+
+    return _run(lambda: input_dataset(jobs).materialize(), "input.shards")  # made inside: it takes the context
+
+
+def _index_block(batch: pa.Table) -> pa.Table:
     from pipeline.plan_dataset import PlanSourceError
 
+    jobs = list(zip(batch.column("url").to_pylist(), batch.column("base").to_pylist(), strict=True))
     try:
-        return _index_tars(jobs)
+        return pa.Table.from_pylist(_index_tars(jobs), schema=INPUT_SCHEMA)
     except SourceError as exc:
         raise PlanSourceError(str(exc)) from None
 
@@ -258,88 +258,6 @@ class EmbeddingSink:
         return _Sink()
 
 
-# ---- pass 2: decisions ----------------------------------------------------------------------------------
-Decision = tuple[str, str | None, float | None]  # (status, reason, clip score)
-
-
-def decide(plan: list[dict[str, Any]], emb: pa.Table, f: CurateFilter) -> dict[str, Decision]:
-    """key -> (status, reason, clip) for every planned key."""
-    by_key = {k: i for i, k in enumerate(emb.column("key").to_pylist())}
-    clip_col = emb.column("clip").to_pylist()
-    decisions: dict[str, Decision] = {}
-    candidates: list[str] = []
-    scores: dict[str, float] = {}
-    for row in plan:
-        i = by_key[row["key"]]
-        rec = Candidate(row["key"], clip_col[i], emb["width"][i].as_py(), emb["height"][i].as_py(),
-                        len(emb["caption"][i].as_py() or ""), emb["error"][i].as_py())
-        if rec.error:
-            decisions[rec.key] = ("failed", rec.error, None)
-            continue
-        if rec.clip is not None and math.isfinite(rec.clip):
-            scores[rec.key] = rec.clip
-        reason = basic_reason(rec, min_side=f.min_side, max_aspect=f.max_aspect,
-                              min_caption_chars=f.min_caption_chars, max_caption_chars=f.max_caption_chars)
-        if reason is None and f.min_clip is not None and (rec.clip is None or rec.clip < f.min_clip):
-            reason = "no caption to score" if rec.clip is None else f"clip {rec.clip:.4f} < min_clip {f.min_clip}"
-        decisions[rec.key] = ("rejected", reason, rec.clip) if reason else ("kept", None, rec.clip)
-        if not reason:
-            candidates.append(rec.key)
-    if f.dedup_exact and candidates:
-        candidates = _exact_duplicates(candidates, emb, by_key, scores, decisions)
-    if f.dedup_threshold is not None and candidates:
-        idx = [by_key[k] for k in candidates]
-        mat = np.asarray(emb.column("image_emb").take(pa.array(idx)).to_pylist(), dtype=np.float32)
-        dedup = clustered_near_duplicates if f.dedup_method == "clustered" else near_duplicates
-        for key, (twin, cos) in dedup(candidates, mat, scores, f.dedup_threshold).items():
-            decisions[key] = ("rejected", f"near-duplicate of {twin} (cosine {cos:.4f})", scores.get(key))
-    if f.top_fraction is not None:
-        best = top_fraction_keys(scores, f.top_fraction)
-        for key, (status, _, clip) in decisions.items():
-            if status == "kept" and key not in best:
-                decisions[key] = ("rejected", f"not in top_fraction {f.top_fraction} of the pool", clip)
-    return decisions
-
-
-def _exact_duplicates(candidates: list[str], emb: pa.Table, by_key: dict[str, int], scores: dict[str, float],
-                      decisions: dict[str, Decision]) -> list[str]:
-    """Reject all but the best-scored (ties by key) of each group of byte-identical images; return the rest."""
-    hashes = emb.column("sha1").to_pylist() if "sha1" in emb.column_names else [None] * emb.num_rows
-    best: dict[str, str] = {}
-    unhashed = 0
-    for key in sorted(candidates, key=lambda k: (-scores.get(k, -math.inf), k)):
-        digest = hashes[by_key[key]]
-        if digest is None:
-            unhashed += 1
-        elif digest in best:
-            decisions[key] = ("rejected", f"exact duplicate of {best[digest]} (sha1 {digest[:12]})",
-                              decisions[key][2])
-        else:
-            best[digest] = key
-    if unhashed:
-        log.warning("dedup_exact: %d samples were embedded before image hashes were recorded; they are not "
-                    "checked (re-embed with a new embeddings.path to include them)", unhashed)
-    return [k for k in candidates if decisions[k][0] == "kept"]
-
-
-RULES = (("failed", None), ("exact_duplicate", "exact duplicate of "), ("near_duplicate", "near-duplicate of "),
-         ("top_fraction", "not in top_fraction"), ("min_clip", "clip "), ("no_caption", "no caption to score"))
-
-
-def removed_by(decisions: dict[str, Decision]) -> dict[str, int]:
-    """How many samples each rule removed (``basic``: size, aspect ratio, caption length)."""
-    counts = {name: 0 for name, _ in RULES} | {"basic": 0}
-    for status, reason, _ in decisions.values():
-        if status == "kept":
-            continue
-        if status == "failed":
-            counts["failed"] += 1
-            continue
-        name = next((n for n, prefix in RULES if prefix and (reason or "").startswith(prefix)), "basic")
-        counts[name] += 1
-    return counts
-
-
 # ---- pass 3: write ----------------------------------------------------------------------------------------
 class CurateSink:
     """Ray Datasink: kept samples copied with their original members; index rows for all."""
@@ -378,14 +296,19 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     """Run (or resume) a filter job under the writer leases of its output and (when it embeds) of its embeddings
     store; returns a RunSummary and writes ``run.json``. ``retry_failed`` re-plans failed samples (those whose
     reason contains it; "" for all), embeddings included."""
-    from pipeline.run import init_ray
+    from pipeline.run import configure_data_context, init_ray
 
     lease = Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
+    jobs = list_inputs(cfg)
     started_ray = init_ray(address or cfg.ray.address, quiet=quiet)
     try:
-        plan = plan_inputs(cfg)  # read-only: an input error exits before anything is created under the output
-        return _leased(cfg, lease, plan, address=address, quiet=quiet, retry_failed=retry_failed)
+        configure_data_context(cfg.ray.wait_for_actors_s, quiet)
+        # Indexed once into the object store (the driver holds block references): an input error exits before
+        # anything is created under the output, and the four passes below read the listing, not the tars.
+        plan = index_inputs(jobs)
+        with lease:
+            return _with_embeddings_lease(cfg, plan, quiet=quiet, retry_failed=retry_failed)
     finally:
         if started_ray:
             import ray
@@ -393,38 +316,30 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
             ray.shutdown()
 
 
-def _leased(cfg: FilterRunConfig, lease: Lease, plan: list[dict[str, Any]], *, address: str | None, quiet: bool,
-            retry_failed: str | None):
-    with lease:
-        emb_lease = Lease(cfg.embeddings_path(), ttl_s=cfg.output.lease_ttl_s)
-        try:
-            emb_lease.acquire()
-        except LeaseHeld as exc:  # another filter embeds into a shared store: fine while we only read it
-            emb_lease = None
-            held = exc
-        else:
-            held = None
-        try:
-            return _curate(cfg, plan, address=address, quiet=quiet, retry_failed=retry_failed, emb_held=held)
-        finally:
-            if emb_lease is not None:
-                emb_lease.release()
+def _with_embeddings_lease(cfg: FilterRunConfig, plan: Dataset, *, quiet: bool, retry_failed: str | None):
+    emb_lease = Lease(cfg.embeddings_path(), ttl_s=cfg.output.lease_ttl_s)
+    try:
+        emb_lease.acquire()
+    except LeaseHeld as exc:  # another filter embeds into a shared store: fine while we only read it
+        emb_lease = None
+        held = exc
+    else:
+        held = None
+    try:
+        return _curate(cfg, plan, quiet=quiet, retry_failed=retry_failed, emb_held=held)
+    finally:
+        if emb_lease is not None:
+            emb_lease.release()
 
 
-def _curate(cfg: FilterRunConfig, plan: list[dict[str, Any]], *, address: str | None, quiet: bool,
-            retry_failed: str | None, emb_held: LeaseHeld | None):
-    import ray
+def _curate(cfg: FilterRunConfig, plan: Dataset, *, quiet: bool, retry_failed: str | None,
+            emb_held: LeaseHeld | None):
     from ray.data import ActorPoolStrategy
 
     from operators.clip_score import resolve_clip
-    from pipeline.run import (
-        RunSummary,
-        _gpu_args,
-        configure_data_context,
-        init_ray,
-        open_output,
-        package_versions,
-    )
+    from pipeline.curate_decide import decisions_dataset, removed_by
+    from pipeline.resume import todo_dataset
+    from pipeline.run import RunSummary, _gpu_args, open_output, package_versions, tally
 
     started = time.time()
     store = OutputStore(cfg.output.path, fsync=cfg.output.fsync)
@@ -438,89 +353,51 @@ def _curate(cfg: FilterRunConfig, plan: list[dict[str, Any]], *, address: str | 
         emb_store.clear_tmp()
         quarantine_unreadable(emb_store, ".")
     if retry_failed is not None:
-        retried = set(supersede(store, "index", failed_mask(retry_failed)))
+        retried = supersede(store, "index", failed_mask(retry_failed))
         opened["retried"] = len(retried)
         if retried:
             if emb_held is not None:
                 raise emb_held
-            supersede(emb_store, ".", lambda t: pc.fill_null(pc.is_in(t.column("key"), pa.array(sorted(retried))),
-                                                             False))
+            keys = pa.array(sorted(retried))  # the failed keys of this output (a --retry-failed, not a whole pool)
+            supersede(emb_store, ".", lambda t: pc.fill_null(pc.is_in(t.column("key"), keys), False))
     emb_model = emb_store.read_json("_model.json")
     model_id = [cfg.scoring.clip_model, cfg.scoring.clip_pretrained]
     if emb_model and emb_model.get("clip") != model_id:
         raise ConfigError(f"embeddings.path: {cfg.embeddings_path()} holds embeddings of {emb_model.get('clip')}, "
                           f"not {model_id}")
-    embedded = set(emb_store.read_tables(".", ["key"]).column("key").to_pylist())
-    done = store.done_keys()
-    to_embed = [r for r in plan if r["key"] not in embedded]
-    to_write = [r for r in plan if r["key"] not in done]
-    summary = RunSummary(planned=len(plan), skipped=len(plan) - len(to_write), **opened)
+    sc, out = cfg.scoring, cfg.output
+    planned = plan.count()  # from the block metadata of the materialized listing
+    to_embed = todo_dataset(plan, emb_store, emb_store.parquet_files("."), sc.batch_size, column=None)
+    n_embed = to_embed.count()
+    before = store.index_files()
+    n_todo = todo_dataset(plan, store, before, out.samples_per_shard).count() if before else planned
+    summary = RunSummary(planned=planned, skipped=planned - n_todo, **opened)
     removed: dict[str, int] | None = None  # by rule, over the whole pool; None when nothing was decided
-    started_ray = False
-    try:
-        if to_embed or to_write:
-            started_ray = init_ray(address or cfg.ray.address, quiet=quiet)
-            configure_data_context(cfg.ray.wait_for_actors_s, quiet)
-        if to_embed:
-            if emb_held is not None:
-                raise emb_held
-            emb_store.write_json("_model.json", {"clip": model_id})
-            sc = cfg.scoring
-            ds = ray.data.from_items(to_embed, override_num_blocks=max(1, math.ceil(len(to_embed) / sc.batch_size)))
-            ds = ds.map_batches(Embedder, batch_format="pyarrow", batch_size=sc.batch_size,
-                                compute=ActorPoolStrategy(min_size=sc.actors[0], max_size=sc.actors[1]),
-                                fn_constructor_kwargs={"scoring": sc.model_dump(), "decode": cfg.decode.model_dump()},
-                                num_cpus=sc.num_cpus, **_gpu_args(sc.num_gpus))
-            ds.write_datasink(EmbeddingSink(cfg.embeddings_path(), cfg.output.fsync))
-        summary.timings["embed_s"] = round(time.time() - started, 3)
-        if to_write:
-            emb = emb_store.read_tables(".", None)
-            decisions = decide(plan, emb, cfg.filter)
-            removed = removed_by(decisions)
-            rows = []
-            for r in to_write:
-                status, reason, clip = decisions[r["key"]]
-                rows.append({**r, "status": status, "reason": reason, "clip_content": clip, "prompt": None,
-                             "meta": json.dumps({"source": posixpath.basename(r["url"]), "members":
-                                                 sorted(json.loads(r["members"]))})})
-            _fill_captions(rows, emb)
-            blocks = max(1, math.ceil(len(rows) / cfg.output.samples_per_shard))
-            ray.data.from_items(rows, override_num_blocks=blocks).write_datasink(
-                CurateSink(cfg.output.model_dump()))
-    finally:
-        if started_ray:
-            ray.shutdown()
-    dataset = _tally(store, summary, [r["key"] for r in to_write], {r["key"] for r in plan})
+    if n_embed:
+        if emb_held is not None:
+            raise emb_held
+        emb_store.write_json("_model.json", {"clip": model_id})
+        ds = to_embed.repartition(target_num_rows_per_block=sc.batch_size).map_batches(
+            Embedder, batch_format="pyarrow", batch_size=sc.batch_size,
+            compute=ActorPoolStrategy(min_size=sc.actors[0], max_size=sc.actors[1]),
+            fn_constructor_kwargs={"scoring": sc.model_dump(), "decode": cfg.decode.model_dump()},
+            num_cpus=sc.num_cpus, **_gpu_args(sc.num_gpus))
+        ds.write_datasink(EmbeddingSink(cfg.embeddings_path(), out.fsync))
+    summary.timings["embed_s"] = round(time.time() - started, 3)
+    if n_todo:
+        decided = decisions_dataset(plan, planned, emb_store, cfg.filter.model_dump()).materialize()
+        removed = removed_by(decided)
+        todo = todo_dataset(decided, store, before, out.samples_per_shard)
+        todo.repartition(target_num_rows_per_block=out.samples_per_shard).write_datasink(
+            CurateSink(out.model_dump()))
+    dataset = tally(cfg, store, summary, set(before), n_todo, plan)
     summary.timings["total_s"] = round(time.time() - started, 3)
-    _, _, meaningful = resolve_clip(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
+    _, _, meaningful = resolve_clip(sc.clip_model, sc.clip_pretrained)
     store.write_json("run.json", {
         "kind": "filter", "config": cfg.model_dump(mode="json"), "filter_hash": cfg.filter_hash(),
         "versions": package_versions(), "this_run": asdict(summary),
-        "counters": {"clip_images_encoded": len(to_embed), "embeddings_reused": len(plan) - len(to_embed)},
+        "counters": {"clip_images_encoded": n_embed, "embeddings_reused": planned - n_embed},
         "removed_by": removed if removed is not None else (previous or {}).get("removed_by"),
         "dataset": dataset, "scores_meaningful": meaningful,
     })
     return summary
-
-
-def _fill_captions(rows: list[dict[str, Any]], emb: pa.Table) -> None:
-    captions = dict(zip(emb.column("key").to_pylist(), emb.column("caption").to_pylist(), strict=True))
-    for row in rows:
-        row["prompt"] = captions.get(row["key"])
-
-
-def _tally(store: OutputStore, summary, todo_keys: list[str], planned_keys: set[str]) -> dict[str, Any]:
-    """This run's outcomes into ``summary`` and the totals over the planned keys, from the committed index.
-    (Holds the keys in the driver: the filter's plan is still a driver list; see issue 14.)"""
-    index = store.read_index(["key", "status"])
-    status = dict(zip(index.column("key").to_pylist(), index.column("status").to_pylist(), strict=True))
-    missing = [k for k in todo_keys if k not in status]
-    if missing:
-        raise RuntimeError(f"{len(missing)} planned samples have no index row after the run (e.g. {missing[0]})")
-    for key in todo_keys:
-        setattr(summary, status[key], getattr(summary, status[key]) + 1)
-    totals = {"kept": 0, "rejected": 0, "failed": 0}
-    for key, st in status.items():
-        if key in planned_keys:
-            totals[st] = totals.get(st, 0) + 1
-    return {"planned": len(planned_keys), **totals, "complete": sum(totals.values()) == len(planned_keys)}

@@ -5,19 +5,21 @@ with an already kept sample is >= ``threshold``; it names the kept sample of hig
 
 - ``greedy`` applies the rule to the whole pool: exact, O(n^2) dot products (as BLAS products in row blocks, so
   only pairs above the threshold are held), practical to ~10^5 samples.
-- ``clustered`` (SemDeDup, Abbas et al. 2023, as NeMo Curator does it): spherical k-means (faiss) on a seeded
+- ``clustered`` (SemDeDup, Abbas et al. 2023, as NeMo Curator does it): spherical k-means (faiss) on a keyed
   sample of the embeddings, every embedding assigned to its nearest centroid, then the rule within each cluster.
   Cost ~ n * (cluster size) instead of n^2. The trade-off is recall: a near-duplicate pair whose members fall in
   different clusters is not found. Pairs above a high threshold (0.9+) are close on the sphere and nearly always
   share their nearest centroid; the benchmark measures recall and precision against the exact rule.
   Cluster count: ``ceil(n / CLUSTER_SIZE)`` (about 1,000 samples per cluster), capped at ``MAX_CLUSTERS``.
 
-Deterministic: the training sample comes from a seeded ``torch.Generator``, faiss is seeded, inputs are sorted
-by key first, so a resumed run decides the same.
+Deterministic: the training sample is chosen by a seeded hash of each key (:func:`training_mask`), faiss is
+seeded, inputs are sorted by key first, so a resumed run decides the same, in one worker or across the cluster
+(``pipeline.curate_decide``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 
@@ -65,22 +67,45 @@ def cluster_count(n: int) -> int:
     return max(1, min(MAX_CLUSTERS, math.ceil(n / CLUSTER_SIZE)))
 
 
-def cluster_assignments(embeddings: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
-    """Nearest centroid of every row after spherical k-means on a seeded sample (faiss)."""
-    import faiss
-    import torch
+def training_mask(keys: list[str], fraction: float, seed: int = 0) -> np.ndarray:
+    """Which rows train k-means: a seeded hash of each key below ``fraction``. Decided from the key alone (not a
+    draw over the whole pool) so that every worker picks the same sample from its own rows, however the pool is
+    partitioned; written by hand because no library offers a partition-independent keyed sample."""
+    if fraction >= 1:
+        return np.ones(len(keys), dtype=bool)
+    salt = f"{seed}:".encode()
+    draws = np.array([int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big") >> 11
+                      for k in keys], dtype=np.float64) / float(1 << 53)
+    return draws < fraction
 
+
+def train_centroids(train: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
+    """Spherical k-means (faiss) on ``train`` (rows in key order); the centroids, one row each."""
+    import faiss
+
+    train = np.ascontiguousarray(train, dtype=np.float32)
+    kmeans = faiss.Kmeans(train.shape[1], n_clusters, niter=20, seed=seed, spherical=True, verbose=False)
+    kmeans.train(train)
+    return kmeans.centroids.copy()
+
+
+def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (highest inner product) of every row, in row blocks."""
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n, dim = emb.shape
+    block = max(1, BLOCK_ELEMENTS // max(1, len(centroids)))
+    return np.concatenate([np.argmax(emb[i:i + block] @ centroids.T, axis=1) for i in range(0, len(emb), block)]
+                          or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+
+
+def cluster_assignments(keys: list[str], embeddings: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
+    """Nearest centroid of every row after spherical k-means on the keyed sample of about ``TRAIN_PER_CLUSTER``
+    rows per centroid (``keys`` sorted)."""
+    n = len(keys)
     if n_clusters <= 1 or n <= n_clusters:
         return np.zeros(n, dtype=np.int64)
-    n_train = min(n, n_clusters * TRAIN_PER_CLUSTER)
-    gen = torch.Generator().manual_seed(seed)
-    train = emb[np.sort(torch.randperm(n, generator=gen)[:n_train].numpy())]
-    kmeans = faiss.Kmeans(dim, n_clusters, niter=20, seed=seed, spherical=True, verbose=False)
-    kmeans.train(train)
-    _, assign = kmeans.index.search(emb, 1)
-    return assign[:, 0].astype(np.int64)
+    mask = training_mask(keys, min(n, n_clusters * TRAIN_PER_CLUSTER) / n, seed)
+    train = np.asarray(embeddings, dtype=np.float32)[mask]
+    return nearest_centroid(embeddings, train_centroids(train, min(n_clusters, len(train)), seed))
 
 
 def clustered_near_duplicates(keys: list[str], embeddings: np.ndarray, scores: Mapping[str, float],
@@ -90,7 +115,7 @@ def clustered_near_duplicates(keys: list[str], embeddings: np.ndarray, scores: M
     order = np.argsort(np.asarray(keys, dtype=object), kind="stable")  # inputs sorted by key: determinism
     keys = [keys[i] for i in order]
     emb = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32)[order])
-    assign = cluster_assignments(emb, n_clusters or cluster_count(len(keys)), seed)
+    assign = cluster_assignments(keys, emb, n_clusters or cluster_count(len(keys)), seed)
     dropped: dict[str, tuple[str, float]] = {}
     by_cluster = np.argsort(assign, kind="stable")
     bounds = np.flatnonzero(np.diff(assign[by_cluster])) + 1

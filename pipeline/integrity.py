@@ -302,13 +302,20 @@ def failed_mask(substring: str | None) -> Callable[[pa.Table], pa.Array]:
 
 def quarantine_unreadable(store: OutputStore, subdir: str) -> int:
     """Quarantine every parquet file of ``ROOT/<subdir>`` that cannot be read (the embeddings store's start-up
-    check); returns how many."""
+    check, on Ray tasks when Ray is initialised); returns how many."""
     directory = store.root if subdir in ("", ".") else f"{store.root}/{subdir}"
-    problems = []
-    for path in sorted(p for p in _sizes(store, directory) if p.endswith(".parquet")):
+    paths = sorted(p for p in _sizes(store, directory) if p.endswith(".parquet"))
+    problems = [Problem(path, why, [path]) for path, why in _map_chunks(_unreadable, store.url, paths)]
+    repair(store, problems)
+    return len(problems)
+
+
+def _unreadable(url: str, paths: list[str]) -> list[tuple[str, str]]:
+    store = OutputStore(url)
+    found = []
+    for path in paths:
         try:
             store.read_parquet(path, ["key"])
         except DamagedFile as exc:
-            problems.append(Problem(path, exc.why, [path]))
-    repair(store, problems)
-    return len(problems)
+            found.append((path, exc.why))
+    return found

@@ -40,9 +40,10 @@ def broadcast(index_files: list[str], rows_per_file: int) -> bool:
     return len(index_files) * max(1, rows_per_file) <= BROADCAST_KEYS
 
 
-def _lookup(url: str, files: tuple[str, ...], token: str) -> dict[str, str]:
-    """key -> status of the index files, read in this worker; cached under ``token``, new for every call of
-    :func:`todo_dataset`/:func:`status_totals` (index files are rewritten in place by --retry-failed)."""
+def _lookup(url: str, files: tuple[str, ...], token: str, column: str | None = "status") -> dict[str, Any]:
+    """key -> ``column`` (True without one) of the files, read in this worker; cached under ``token``, new for
+    every call of :func:`todo_dataset`/:func:`status_totals` (index files are rewritten in place by
+    --retry-failed)."""
     if token not in _LOOKUPS:
         from pipeline.sink import DamagedFile, OutputStore
 
@@ -51,17 +52,18 @@ def _lookup(url: str, files: tuple[str, ...], token: str) -> dict[str, str]:
         table = {}
         for path in files:
             try:
-                part = store.read_parquet(path, ["key", "status"])
+                part = store.read_parquet(path, ["key"] + ([column] if column else []))
             except (DamagedFile, FileNotFoundError) as exc:  # its samples count as not done (a run quarantines it)
                 log.warning("skipping unreadable index file %s (%s)", path, exc.__class__.__name__)
                 continue
-            table.update(zip(part.column("key").to_pylist(), part.column("status").to_pylist(), strict=True))
+            values = part.column(column).to_pylist() if column else [True] * part.num_rows
+            table.update(zip(part.column("key").to_pylist(), values, strict=True))
         _LOOKUPS[token] = table
     return _LOOKUPS[token]
 
 
-def _not_indexed(batch: pa.Table, url: str, files: tuple[str, ...], token: str) -> pa.Table:
-    index = _lookup(url, files, token)
+def _not_indexed(batch: pa.Table, url: str, files: tuple[str, ...], token: str, column: str | None) -> pa.Table:
+    index = _lookup(url, files, token, column)
     return batch.filter(pa.array([k not in index for k in batch.column("key").to_pylist()], pa.bool_()))
 
 
@@ -77,13 +79,15 @@ def _lookup_args(store, index_files: list[str]) -> dict[str, Any]:
     return {"url": store.url, "files": tuple(index_files), "token": uuid.uuid4().hex}
 
 
-def todo_dataset(plan: Dataset, store, index_files: list[str], rows_per_file: int) -> Dataset:
-    """The planned samples without a row in the committed index."""
+def todo_dataset(plan: Dataset, store, index_files: list[str], rows_per_file: int,
+                 column: str | None = "status") -> Dataset:
+    """The planned samples without a row in the committed index (or in any keyed parquet files: the filter's
+    embeddings, with ``column=None``)."""
     if not index_files:
         return plan
     if broadcast(index_files, rows_per_file):
         return plan.map_batches(_not_indexed, batch_format="pyarrow", batch_size=None,
-                                fn_kwargs=_lookup_args(store, index_files))
+                                fn_kwargs=_lookup_args(store, index_files) | {"column": column})
     import ray
 
     keys = ray.data.read_parquet(index_files, filesystem=arrow_fs(store.fs)).select_columns(["key"])

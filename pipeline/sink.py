@@ -205,12 +205,16 @@ class OutputStore:
             os.makedirs(directory, exist_ok=True)
         self.write_file(f"{directory}/{name}.parquet", lambda tmp: pq.write_table(table, tmp), ".parquet")
 
+    def parquet_files(self, subdir: str) -> list[str]:
+        """The parquet files of ``<root>/<subdir>``, sorted."""
+        directory = self.root if subdir in ("", ".") else f"{self.root}/{subdir}"
+        self.fs.invalidate_cache()
+        return self._list(directory, ".parquet")
+
     def read_tables(self, subdir: str, columns: list[str] | None, *, skip_damaged: bool = False) -> pa.Table:
         """All parquet files of ``<root>/<subdir>`` concatenated (an empty table when there are none); a damaged
         file raises :class:`DamagedFile`, or is skipped with a warning."""
-        directory = self.root if subdir in ("", ".") else f"{self.root}/{subdir}"
-        self.fs.invalidate_cache()
-        tables = self._read_each(self._list(directory, ".parquet"), columns, skip_damaged)
+        tables = self._read_each(self.parquet_files(subdir), columns, skip_damaged)
         if not tables:
             return pa.table({c: pa.array([], pa.string()) for c in (columns or ["key"])})
         return pa.concat_tables(tables, promote_options="default")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import validate_config
-from pipeline.curate import FilterRunConfig, curate, plan_inputs
+from pipeline.curate import FilterRunConfig, _index_tars, curate, index_inputs, list_inputs
 from pipeline.dedup import near_duplicates
 from pipeline.selection import top_fraction_keys
 from tests.invariants import check_invariants, read_index
@@ -93,7 +93,7 @@ def _original_members(tar_paths: list[Path]) -> dict[str, dict[str, bytes]]:
 def test_filter_top_fraction_dedup_and_embedding_reuse(ray_local, samples, tmp_path):
     tars = _shards(tmp_path, samples)
     cfg = _cfg(tmp_path, "half", top_fraction=0.5)
-    plan = plan_inputs(cfg)
+    plan = _index_tars(list_inputs(cfg))
     assert len(plan) == 23
     summary = curate(cfg, quiet=True)
     assert (summary.planned, summary.failed) == (23, 0)
@@ -174,17 +174,15 @@ def test_filter_top_fraction_dedup_and_embedding_reuse(ray_local, samples, tmp_p
     assert len(read_index(str(tmp_path / "half"))) == 23
 
 
-def test_input_tars_are_indexed_by_ray_tasks_in_file_order(ray_local, samples, tmp_path, monkeypatch):
-    import ray
-
+def test_input_tars_are_indexed_by_ray_tasks(ray_local, samples, tmp_path):
     from pipeline.sources import SourceError
 
     _shards(tmp_path, samples)
-    cfg = _cfg(tmp_path, "out")
-    on_ray = plan_inputs(cfg)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    assert on_ray == plan_inputs(cfg)  # the same rows, in the same order, as indexing in this process
-    monkeypatch.undo()
+    jobs = list_inputs(_cfg(tmp_path, "out"))
+    listing = index_inputs(jobs)
+    assert listing.num_blocks() == 3  # a task per tar
+    on_ray = sorted(listing.take_all(), key=lambda r: r["key"])
+    assert on_ray == sorted(_index_tars(jobs), key=lambda r: r["key"])  # the rows of indexing in this process
     (tmp_path / "corpus-1.tar").write_bytes(b"not a tar" * 300)
     with pytest.raises(SourceError, match=r"^input.shards: cannot read .*corpus-1.tar \(ReadError"):
-        plan_inputs(cfg)
+        index_inputs(jobs)

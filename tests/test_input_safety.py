@@ -413,7 +413,7 @@ def test_is_transient_classification():
 
 
 def test_filter_never_lists_its_own_output_among_its_input_shards(tmp_path, caplog):
-    from pipeline.curate import FilterRunConfig, plan_inputs
+    from pipeline.curate import FilterRunConfig, list_inputs
 
     root = tmp_path / "corpus"
     (root / "raw").mkdir(parents=True)
@@ -424,6 +424,6 @@ def test_filter_never_lists_its_own_output_among_its_input_shards(tmp_path, capl
     cfg = validate_config({"input": {"shards": str(root / "**" / "*.tar")}, "output": {"path": str(out)}},
                           schema=FilterRunConfig)
     with caplog.at_level(logging.WARNING):
-        rows = plan_inputs(cfg)
-    assert [r["content_id"] for r in rows] == ["raw/a.tar/s1"]
+        jobs = list_inputs(cfg)
+    assert [base for _, base in jobs] == ["raw/a.tar"]
     assert any(m.startswith("input.shards: skipped 1 file(s)") for m in skipped_lines(caplog, "output folder"))

@@ -1,0 +1,396 @@
+"""The decisions of ``stylegen filter`` (its second pass) as Ray Data work: the driver holds counts, never samples.
+
+Every planned sample gets (status, reason, clip): failed inputs, basic checks and ``min_clip`` row by row, then,
+over the whole pool, exact duplicates, near-duplicates and ``top_fraction``. Two ways, one answer:
+
+- A pool of at most ``SMALL_POOL`` samples, and every ``dedup_method: greedy`` pool (its exact rule needs all
+  embeddings in one place), is decided by :func:`decide` in one worker, which reads the embeddings itself.
+- A larger pool is decided in stages across the cluster: a hash join of the plan with the embeddings, the per-row
+  checks as a map, exact duplicates grouped by image hash, near-duplicates grouped by k-means cluster (centroids
+  trained in one task on a key-hashed sample, see ``pipeline.dedup``), and the ``top_fraction`` cut-off as the
+  exact rank in a distributed sort, ties broken by key.
+
+The output rows are the plan's (key, content_id, url, members) with status, reason, clip_content, prompt, meta.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import posixpath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.dedup import (
+    TRAIN_PER_CLUSTER,
+    cluster_count,
+    clustered_near_duplicates,
+    near_duplicates,
+    nearest_centroid,
+    train_centroids,
+    training_mask,
+)
+from pipeline.selection import Candidate, basic_reason, top_fraction_keys
+from pipeline.sink import OutputStore
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+log = logging.getLogger(__name__)
+
+SMALL_POOL = 100_000  # planned samples decided by one worker (embeddings of 10^5 ViT-L/14 images: ~300 MB)
+PLAN_COLUMNS = ["key", "content_id", "url", "members"]
+DECIDED = pa.schema([("key", pa.string()), ("content_id", pa.string()), ("url", pa.string()),
+                     ("members", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+                     ("clip_content", pa.float64()), ("prompt", pa.string()), ("meta", pa.string())])
+SEED = 0
+
+Decision = tuple[str, str | None, float | None]  # (status, reason, clip score)
+
+
+def decisions_dataset(plan: Dataset, planned: int, emb_store: OutputStore, rules: dict[str, Any]) -> Dataset:
+    """The plan's rows with their decisions (schema ``DECIDED``), computed on the cluster."""
+    from pipeline.curate import CurateFilter
+
+    f = CurateFilter.model_validate(rules)
+    files = emb_store.parquet_files(".")
+    if planned <= SMALL_POOL or (f.dedup_threshold is not None and f.dedup_method == "greedy"):
+        return plan.repartition(1).map_batches(_decide_whole, batch_format="pyarrow", batch_size=None, fn_kwargs={
+            "url": emb_store.url, "files": tuple(files), "rules": f.model_dump()})
+    return _staged(plan, planned, emb_store, files, f)
+
+
+# ---- one worker: the reference rule ---------------------------------------------------------------------
+def decide(keys: list[str], emb: pa.Table, f) -> dict[str, Decision]:
+    """key -> (status, reason, clip) for every key of ``keys`` (all in ``emb``), the whole pool in memory."""
+    by_key = {k: i for i, k in enumerate(emb.column("key").to_pylist())}
+    clip_col = emb.column("clip").to_pylist()
+    decisions: dict[str, Decision] = {}
+    candidates: list[str] = []
+    scores: dict[str, float] = {}
+    for key in keys:
+        i = by_key[key]
+        rec = Candidate(key, clip_col[i], emb["width"][i].as_py(), emb["height"][i].as_py(),
+                        len(emb["caption"][i].as_py() or ""), emb["error"][i].as_py())
+        if rec.error:
+            decisions[key] = ("failed", rec.error, None)
+            continue
+        if _finite(rec.clip):
+            scores[key] = rec.clip
+        reason = _row_reason(rec, f)
+        decisions[key] = ("rejected", reason, rec.clip) if reason else ("kept", None, rec.clip)
+        if not reason:
+            candidates.append(key)
+    if f.dedup_exact and candidates:
+        candidates = _exact_duplicates(candidates, emb, by_key, scores, decisions)
+    if f.dedup_threshold is not None and candidates:
+        idx = [by_key[k] for k in candidates]
+        mat = np.asarray(emb.column("image_emb").take(pa.array(idx)).to_pylist(), dtype=np.float32)
+        if f.dedup_method == "clustered":
+            dropped = clustered_near_duplicates(candidates, mat, scores, f.dedup_threshold, seed=SEED)
+        else:
+            dropped = near_duplicates(candidates, mat, scores, f.dedup_threshold)
+        for key, (twin, cos) in dropped.items():
+            decisions[key] = ("rejected", _near_reason(twin, cos), scores.get(key))
+    if f.top_fraction is not None:
+        best = top_fraction_keys(scores, f.top_fraction)
+        for key, (status, _, clip) in decisions.items():
+            if status == "kept" and key not in best:
+                decisions[key] = ("rejected", _top_reason(f.top_fraction), clip)
+    return decisions
+
+
+def _row_reason(rec: Candidate, f) -> str | None:
+    reason = basic_reason(rec, min_side=f.min_side, max_aspect=f.max_aspect,
+                          min_caption_chars=f.min_caption_chars, max_caption_chars=f.max_caption_chars)
+    if reason is None and f.min_clip is not None and (rec.clip is None or rec.clip < f.min_clip):
+        reason = "no caption to score" if rec.clip is None else f"clip {rec.clip:.4f} < min_clip {f.min_clip}"
+    return reason
+
+
+def _exact_reason(twin: str, digest: str) -> str:
+    return f"exact duplicate of {twin} (sha1 {digest[:12]})"
+
+
+def _near_reason(twin: str, cos: float) -> str:
+    return f"near-duplicate of {twin} (cosine {cos:.4f})"
+
+
+def _top_reason(fraction: float) -> str:
+    return f"not in top_fraction {fraction} of the pool"
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _exact_duplicates(candidates: list[str], emb: pa.Table, by_key: dict[str, int], scores: dict[str, float],
+                      decisions: dict[str, Decision]) -> list[str]:
+    """Reject all but the best-scored (ties by key) of each group of byte-identical images; return the rest."""
+    hashes = emb.column("sha1").to_pylist()
+    best: dict[str, str] = {}
+    unhashed = 0
+    for key in sorted(candidates, key=lambda k: (-scores.get(k, -math.inf), k)):
+        digest = hashes[by_key[key]]
+        if digest is None:
+            unhashed += 1
+        elif digest in best:
+            decisions[key] = ("rejected", _exact_reason(best[digest], digest), decisions[key][2])
+        else:
+            best[digest] = key
+    _warn_unhashed(unhashed)
+    return [k for k in candidates if decisions[k][0] == "kept"]
+
+
+def _warn_unhashed(unhashed: int) -> None:
+    if unhashed:
+        log.warning("dedup_exact: %d samples were embedded before image hashes were recorded; they are not "
+                    "checked (re-embed with a new embeddings.path to include them)", unhashed)
+
+
+def _read_embeddings(url: str, files: tuple[str, ...], keys: pa.Array) -> pa.Table:
+    """The rows of ``keys`` from the embeddings store, read in this worker (conformed to ``EMB_SCHEMA``)."""
+    store = OutputStore(url)
+    parts = []
+    for path in files:
+        table = _conform_emb(store.read_parquet(path))
+        parts.append(table.filter(pc.fill_null(pc.is_in(table.column("key"), keys), False)))
+    from pipeline.curate import EMB_SCHEMA
+
+    return pa.concat_tables(parts) if parts else EMB_SCHEMA.empty_table()
+
+
+def _conform_emb(table: pa.Table) -> pa.Table:
+    from pipeline.curate import EMB_SCHEMA
+
+    for field in EMB_SCHEMA:  # files embedded before a column existed (sha1) hold nulls for it
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(EMB_SCHEMA.names).cast(EMB_SCHEMA)
+
+
+def _decide_whole(batch: pa.Table, url: str, files: tuple[str, ...], rules: dict[str, Any]) -> pa.Table:
+    from pipeline.curate import CurateFilter
+
+    emb = _read_embeddings(url, files, batch.column("key"))
+    decisions = decide(batch.column("key").to_pylist(), emb, CurateFilter.model_validate(rules))
+    captions = dict(zip(emb.column("key").to_pylist(), emb.column("caption").to_pylist(), strict=True))
+    keys = batch.column("key").to_pylist()
+    status, reason, clip = zip(*(decisions[k] for k in keys), strict=True) if keys else ((), (), ())
+    return _decided(batch, list(status), list(reason), list(clip), [captions.get(k) for k in keys])
+
+
+def _decided(batch: pa.Table, status: list, reason: list, clip: list, prompt: list) -> pa.Table:
+    meta = [json.dumps({"source": posixpath.basename(u), "members": sorted(json.loads(m))})
+            for u, m in zip(batch.column("url").to_pylist(), batch.column("members").to_pylist(), strict=True)]
+    columns = [batch.column(c) for c in PLAN_COLUMNS] + [
+        pa.array(status, pa.string()), pa.array(reason, pa.string()), pa.array(clip, pa.float64()),
+        pa.array(prompt, pa.string()), pa.array(meta, pa.string())]
+    return pa.Table.from_arrays(columns, schema=DECIDED)
+
+
+# ---- across the cluster -----------------------------------------------------------------------------------
+def _partitions(planned: int) -> int:
+    return max(4, min(512, planned // 50_000))
+
+
+def _staged(plan: Dataset, planned: int, emb_store: OutputStore, files: list[str], f) -> Dataset:
+    import ray
+
+    from pipeline.resume import arrow_fs
+
+    parts = _partitions(planned)
+    emb = ray.data.read_parquet(files, filesystem=arrow_fs(emb_store.fs)).map_batches(
+        _conform_emb, batch_format="pyarrow")
+    joined = plan.select_columns(PLAN_COLUMNS).join(emb, "inner", num_partitions=parts, on=("key",))
+    rows = joined.map_batches(_row_checks, batch_format="pyarrow", fn_kwargs={"rules": f.model_dump()}).materialize()
+    if f.dedup_exact:
+        rows = _exact_stage(rows, parts)
+    if f.dedup_threshold is not None:
+        rows = _near_stage(rows, parts, f.dedup_threshold)
+    if f.top_fraction is not None:
+        rows = _top_stage(rows, f.top_fraction)
+    return rows.map_batches(_finish, batch_format="pyarrow")
+
+
+# Columns carried between the stages, besides the plan's and DECIDED's.
+WORK = ["scored", "sha1", "image_emb"]
+
+
+def _row_checks(batch: pa.Table, rules: dict[str, Any]) -> pa.Table:
+    """Failed inputs, basic checks and ``min_clip``, row by row (what :func:`decide` does first)."""
+    from pipeline.curate import CurateFilter
+
+    f = CurateFilter.model_validate(rules)
+    status, reason, scored = [], [], []
+    for row in batch.select(["key", "clip", "width", "height", "caption", "error"]).to_pylist():
+        rec = Candidate(row["key"], row["clip"], row["width"], row["height"], len(row["caption"] or ""), row["error"])
+        if rec.error:
+            status.append("failed"), reason.append(rec.error), scored.append(False)
+            continue
+        why = _row_reason(rec, f)
+        status.append("rejected" if why else "kept"), reason.append(why), scored.append(_finite(rec.clip))
+    failed = pc.equal(pa.array(status, pa.string()), "failed")
+    clip = pc.if_else(failed, pa.nulls(batch.num_rows, pa.float64()), batch.column("clip"))
+    out = _decided(batch, status, reason, clip.to_pylist(), batch.column("caption").to_pylist())
+    return out.append_column("scored", pa.array(scored, pa.bool_())).append_column(
+        "sha1", batch.column("sha1")).append_column("image_emb", batch.column("image_emb"))
+
+
+def _select(batch: pa.Table, which: str) -> pa.Table:
+    kept = pc.equal(batch.column("status"), "kept")
+    hashed = pc.is_valid(batch.column("sha1"))
+    mask = {"hashed": pc.and_(kept, hashed), "not hashed": pc.invert(pc.and_(kept, hashed)),
+            "unhashed": pc.and_(kept, pc.invert(hashed)), "kept": kept, "not kept": pc.invert(kept),
+            "scored": batch.column("scored")}[which]
+    return batch.filter(mask)
+
+
+def _ranked(table: pa.Table) -> list[int]:
+    """Row order best CLIP score first, ties by key (the order every pool-wide rule walks)."""
+    keys = table.column("key").to_pylist()
+    score = [c if s else -math.inf for c, s in zip(table.column("clip_content").to_pylist(),
+                                                   table.column("scored").to_pylist(), strict=True)]
+    return sorted(range(table.num_rows), key=lambda i: (-score[i], keys[i]))
+
+
+def _with_rejections(table: pa.Table, rejected: dict[int, str]) -> pa.Table:
+    status = table.column("status").to_pylist()
+    reason = table.column("reason").to_pylist()
+    for i, why in rejected.items():
+        status[i], reason[i] = "rejected", why
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
+
+
+def _exact_stage(rows: Dataset, parts: int) -> Dataset:
+    _warn_unhashed(rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "unhashed"}).count())
+    groups = rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "hashed"})
+    decided = groups.groupby("sha1", num_partitions=parts).map_groups(_exact_group, batch_format="pyarrow")
+    rest = rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "not hashed"})
+    return rest.union(decided).materialize()
+
+
+def _exact_group(group: pa.Table) -> pa.Table:
+    order = _ranked(group)
+    keys, digest = group.column("key").to_pylist(), group.column("sha1")[0].as_py()
+    best = keys[order[0]]
+    return _with_rejections(group, {i: _exact_reason(best, digest) for i in order[1:]})
+
+
+def _near_stage(rows: Dataset, parts: int, threshold: float) -> Dataset:
+    import ray
+
+    candidates = rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "kept"}).materialize()
+    n = candidates.count()
+    k = cluster_count(n)
+    centroids = None
+    if k > 1:
+        fraction = min(n, k * TRAIN_PER_CLUSTER) / n
+        sample = candidates.map_batches(_training_rows, batch_format="pyarrow", fn_kwargs={"fraction": fraction})
+        centroids = ray.remote(num_cpus=1)(_train_task).remote(sample.select_columns(["key", "image_emb"])
+                                                                .to_arrow_refs(), k)
+    assigned = candidates.map_batches(_assign, batch_format="pyarrow", fn_kwargs={"centroids": centroids})
+    decided = assigned.groupby("cluster", num_partitions=min(parts, k)).map_groups(
+        _near_group, batch_format="pyarrow", fn_kwargs={"threshold": threshold}).drop_columns(["cluster"])
+    rest = rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "not kept"})
+    return rest.union(decided).materialize()
+
+
+def _training_rows(batch: pa.Table, fraction: float) -> pa.Table:
+    return batch.filter(pa.array(training_mask(batch.column("key").to_pylist(), fraction, SEED)))
+
+
+def _train_task(refs: list, k: int) -> np.ndarray:
+    """k-means centroids from the training sample (one task: the sample is ~64 rows per centroid)."""
+    import ray
+
+    table = pa.concat_tables(ray.get(refs)).sort_by("key")  # key order: the sample :func:`decide` trains on
+    train = np.asarray(table.column("image_emb").to_pylist(), dtype=np.float32)
+    return train_centroids(train, min(k, len(train)), SEED)
+
+
+def _assign(batch: pa.Table, centroids) -> pa.Table:
+    if centroids is None:
+        cluster = np.zeros(batch.num_rows, dtype=np.int64)
+    else:
+        import ray
+
+        emb = np.asarray(batch.column("image_emb").to_pylist(), dtype=np.float32).reshape(batch.num_rows, -1)
+        cluster = nearest_centroid(emb, ray.get(centroids))
+    return batch.append_column("cluster", pa.array(cluster, pa.int64()))
+
+
+def _near_group(group: pa.Table, threshold: float) -> pa.Table:
+    group = group.sort_by("key")  # the members in key order, as in :func:`clustered_near_duplicates`
+    keys = group.column("key").to_pylist()
+    scores = {k: c for k, c, s in zip(keys, group.column("clip_content").to_pylist(),
+                                      group.column("scored").to_pylist(), strict=True) if s}
+    emb = np.asarray(group.column("image_emb").to_pylist(), dtype=np.float32).reshape(group.num_rows, -1)
+    position = {k: i for i, k in enumerate(keys)}
+    dropped = near_duplicates(keys, emb, scores, threshold)
+    return _with_rejections(group, {position[k]: _near_reason(t, c) for k, (t, c) in dropped.items()})
+
+
+def _top_stage(rows: Dataset, fraction: float) -> Dataset:
+    """Kept samples outside the best ``round(fraction * n)`` of the scored pool are rejected. The cut-off is the
+    first row past that rank in a distributed sort by (score descending, key)."""
+    pool = rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "scored"}).select_columns(
+        ["clip_content", "key"])
+    n = pool.count()
+    keep = int(math.floor(fraction * n + 0.5))
+    cut = None
+    if keep < n:
+        ranked = pool.sort(["clip_content", "key"], descending=[True, False])
+        first_out = ranked.split_at_indices([keep])[1].take(1)[0]
+        cut = (first_out["clip_content"], first_out["key"])
+    return rows.map_batches(_cut, batch_format="pyarrow", fn_kwargs={"cut": cut, "fraction": fraction})
+
+
+def _cut(batch: pa.Table, cut: tuple[float, str] | None, fraction: float) -> pa.Table:
+    rejected = {}
+    for i, row in enumerate(batch.select(["status", "scored", "clip_content", "key"]).to_pylist()):
+        if row["status"] != "kept":
+            continue
+        inside = row["scored"] and (cut is None or (-row["clip_content"], row["key"]) < (-cut[0], cut[1]))
+        if not inside:
+            rejected[i] = _top_reason(fraction)
+    return _with_rejections(batch, rejected)
+
+
+def _finish(batch: pa.Table) -> pa.Table:
+    return batch.select(DECIDED.names).cast(DECIDED)
+
+
+# ---- counts ------------------------------------------------------------------------------------------------
+RULES = (("failed", None), ("exact_duplicate", "exact duplicate of "), ("near_duplicate", "near-duplicate of "),
+         ("top_fraction", "not in top_fraction"), ("min_clip", "clip "), ("no_caption", "no caption to score"))
+
+
+def rule_of(status: str, reason: str | None) -> str | None:
+    """The rule that removed a sample (``basic``: size, aspect ratio, caption length); None when kept."""
+    if status == "kept":
+        return None
+    if status == "failed":
+        return "failed"
+    return next((n for n, prefix in RULES if prefix and (reason or "").startswith(prefix)), "basic")
+
+
+def _rule_counts(batch: pa.Table) -> pa.Table:
+    names = [rule_of(s, r) for s, r in zip(batch.column("status").to_pylist(), batch.column("reason").to_pylist(),
+                                           strict=True)]
+    counts = pc.value_counts(pa.array(names, pa.string()).drop_null())
+    return pa.table({"rule": counts.field("values"), "n": counts.field("counts")},
+                    schema=pa.schema([("rule", pa.string()), ("n", pa.int64())]))
+
+
+def removed_by(decided: Dataset) -> dict[str, int]:
+    """How many samples each rule removed, over the whole pool."""
+    counts = {name: 0 for name, _ in RULES} | {"basic": 0}
+    for row in decided.map_batches(_rule_counts, batch_format="pyarrow").take_all():
+        counts[row["rule"]] += row["n"]
+    return counts
