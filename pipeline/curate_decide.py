@@ -205,8 +205,9 @@ def _staged(plan: Dataset, planned: int, emb_store: OutputStore, files: list[str
 
     parts = _partitions(planned)
     emb = ray.data.read_parquet(files, filesystem=arrow_fs(emb_store.fs)).map_batches(
-        _conform_emb, batch_format="pyarrow")
-    joined = plan.select_columns(PLAN_COLUMNS).join(emb, "inner", num_partitions=parts, on=("key",))
+        _for_join, batch_format="pyarrow")
+    # The listing's own error column is superseded by the embedding's (the embedder copies it there).
+    joined = plan.join(emb, "inner", num_partitions=parts, on=("key",), left_suffix="_listing")
     rows = joined.map_batches(_row_checks, batch_format="pyarrow", fn_kwargs={"rules": f.model_dump()}).materialize()
     if f.dedup_exact:
         rows = _exact_stage(rows, parts)
@@ -217,8 +218,31 @@ def _staged(plan: Dataset, planned: int, emb_store: OutputStore, files: list[str
     return rows.map_batches(_finish, batch_format="pyarrow")
 
 
-# Columns carried between the stages, besides the plan's and DECIDED's.
-WORK = ["scored", "sha1", "image_emb"]
+# Columns carried between the stages, besides DECIDED's: whether the sample is in the scored pool, its image hash,
+# and its image embedding as raw float32 bytes (a binary column moves through Ray's object store far faster than
+# a list<float> one).
+WORK = ["scored", "sha1", "emb"]
+
+
+def _emb_bytes(column: pa.ChunkedArray) -> pa.Array:
+    lists = column.combine_chunks()
+    valid = lists.is_valid().to_numpy(zero_copy_only=False)
+    flat = lists.flatten().to_numpy().astype(np.float32, copy=False)
+    rows = iter(flat.reshape(int(valid.sum()), -1) if valid.any() else ())
+    return pa.array([next(rows).tobytes() if ok else None for ok in valid], pa.binary())
+
+
+def _for_join(table: pa.Table) -> pa.Table:
+    """An embeddings block as the stages carry it: no caption embedding, the image embedding as bytes."""
+    table = _conform_emb(table).drop_columns(["text_emb"])
+    emb = _emb_bytes(table.column("image_emb"))
+    return table.drop_columns(["image_emb"]).append_column("emb", emb).combine_chunks()
+
+
+def _matrix(table: pa.Table) -> np.ndarray:
+    """The ``emb`` column as an (n, d) float32 matrix."""
+    blobs = table.column("emb").to_pylist()
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
 
 
 def _row_checks(batch: pa.Table, rules: dict[str, Any]) -> pa.Table:
@@ -238,16 +262,20 @@ def _row_checks(batch: pa.Table, rules: dict[str, Any]) -> pa.Table:
     clip = pc.if_else(failed, pa.nulls(batch.num_rows, pa.float64()), batch.column("clip"))
     out = _decided(batch, status, reason, clip.to_pylist(), batch.column("caption").to_pylist())
     return out.append_column("scored", pa.array(scored, pa.bool_())).append_column(
-        "sha1", batch.column("sha1")).append_column("image_emb", batch.column("image_emb"))
+        "sha1", batch.column("sha1")).append_column("emb", batch.column("emb")).combine_chunks()
 
 
-def _select(batch: pa.Table, which: str) -> pa.Table:
+def _select(batch: pa.Table, which: str, buckets: int | None = None) -> pa.Table:
     kept = pc.equal(batch.column("status"), "kept")
     hashed = pc.is_valid(batch.column("sha1"))
     mask = {"hashed": pc.and_(kept, hashed), "not hashed": pc.invert(pc.and_(kept, hashed)),
             "unhashed": pc.and_(kept, pc.invert(hashed)), "kept": kept, "not kept": pc.invert(kept),
             "scored": batch.column("scored")}[which]
-    return batch.filter(mask)
+    batch = batch.filter(mask).combine_chunks()
+    if buckets:
+        bucket = [int(h[:12], 16) % buckets for h in batch.column("sha1").to_pylist()]
+        batch = batch.append_column("bucket", pa.array(bucket, pa.int64()))
+    return batch
 
 
 def _ranked(table: pa.Table) -> list[int]:
@@ -264,22 +292,31 @@ def _with_rejections(table: pa.Table, rejected: dict[int, str]) -> pa.Table:
     for i, why in rejected.items():
         status[i], reason[i] = "rejected", why
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
-    return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
+    return table.set_column(table.schema.get_field_index("reason"), "reason",
+                            pa.array(reason, pa.string())).combine_chunks()
 
 
 def _exact_stage(rows: Dataset, parts: int) -> Dataset:
     _warn_unhashed(rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "unhashed"}).count())
-    groups = rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "hashed"})
-    decided = groups.groupby("sha1", num_partitions=parts).map_groups(_exact_group, batch_format="pyarrow")
+    buckets = parts * 16  # groups of many image hashes each: a call per hash would cost more than the rule
+    hashed = rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "hashed", "buckets": buckets})
+    decided = hashed.groupby("bucket", num_partitions=parts).map_groups(_exact_bucket, batch_format="pyarrow")
     rest = rows.map_batches(_select, batch_format="pyarrow", fn_kwargs={"which": "not hashed"})
-    return rest.union(decided).materialize()
+    return rest.union(decided.drop_columns(["bucket"])).materialize()
 
 
-def _exact_group(group: pa.Table) -> pa.Table:
-    order = _ranked(group)
-    keys, digest = group.column("key").to_pylist(), group.column("sha1")[0].as_py()
-    best = keys[order[0]]
-    return _with_rejections(group, {i: _exact_reason(best, digest) for i in order[1:]})
+def _exact_bucket(group: pa.Table) -> pa.Table:
+    """Within each image hash of the bucket, all but the first in rank order are exact duplicates of it."""
+    hashes = group.column("sha1").to_pylist()
+    keys = group.column("key").to_pylist()
+    best: dict[str, str] = {}
+    rejected = {}
+    for i in _ranked(group):
+        if hashes[i] in best:
+            rejected[i] = _exact_reason(best[hashes[i]], hashes[i])
+        else:
+            best[hashes[i]] = keys[i]
+    return _with_rejections(group, rejected)
 
 
 def _near_stage(rows: Dataset, parts: int, threshold: float) -> Dataset:
@@ -292,7 +329,7 @@ def _near_stage(rows: Dataset, parts: int, threshold: float) -> Dataset:
     if k > 1:
         fraction = min(n, k * TRAIN_PER_CLUSTER) / n
         sample = candidates.map_batches(_training_rows, batch_format="pyarrow", fn_kwargs={"fraction": fraction})
-        centroids = ray.remote(num_cpus=1)(_train_task).remote(sample.select_columns(["key", "image_emb"])
+        centroids = ray.remote(num_cpus=1)(_train_task).remote(sample.select_columns(["key", "emb"])
                                                                 .to_arrow_refs(), k)
     assigned = candidates.map_batches(_assign, batch_format="pyarrow", fn_kwargs={"centroids": centroids})
     decided = assigned.groupby("cluster", num_partitions=min(parts, k)).map_groups(
@@ -310,7 +347,7 @@ def _train_task(refs: list, k: int) -> np.ndarray:
     import ray
 
     table = pa.concat_tables(ray.get(refs)).sort_by("key")  # key order: the sample :func:`decide` trains on
-    train = np.asarray(table.column("image_emb").to_pylist(), dtype=np.float32)
+    train = _matrix(table)
     return train_centroids(train, min(k, len(train)), SEED)
 
 
@@ -320,9 +357,8 @@ def _assign(batch: pa.Table, centroids) -> pa.Table:
     else:
         import ray
 
-        emb = np.asarray(batch.column("image_emb").to_pylist(), dtype=np.float32).reshape(batch.num_rows, -1)
-        cluster = nearest_centroid(emb, ray.get(centroids))
-    return batch.append_column("cluster", pa.array(cluster, pa.int64()))
+        cluster = nearest_centroid(_matrix(batch), ray.get(centroids))
+    return batch.append_column("cluster", pa.array(cluster, pa.int64())).combine_chunks()
 
 
 def _near_group(group: pa.Table, threshold: float) -> pa.Table:
@@ -330,7 +366,7 @@ def _near_group(group: pa.Table, threshold: float) -> pa.Table:
     keys = group.column("key").to_pylist()
     scores = {k: c for k, c, s in zip(keys, group.column("clip_content").to_pylist(),
                                       group.column("scored").to_pylist(), strict=True) if s}
-    emb = np.asarray(group.column("image_emb").to_pylist(), dtype=np.float32).reshape(group.num_rows, -1)
+    emb = _matrix(group)
     position = {k: i for i, k in enumerate(keys)}
     dropped = near_duplicates(keys, emb, scores, threshold)
     return _with_rejections(group, {position[k]: _near_reason(t, c) for k, (t, c) in dropped.items()})
@@ -363,7 +399,7 @@ def _cut(batch: pa.Table, cut: tuple[float, str] | None, fraction: float) -> pa.
 
 
 def _finish(batch: pa.Table) -> pa.Table:
-    return batch.select(DECIDED.names).cast(DECIDED)
+    return batch.select(DECIDED.names).cast(DECIDED).combine_chunks()
 
 
 # ---- counts ------------------------------------------------------------------------------------------------

@@ -80,11 +80,13 @@ def training_mask(keys: list[str], fraction: float, seed: int = 0) -> np.ndarray
 
 
 def train_centroids(train: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
-    """Spherical k-means (faiss) on ``train`` (rows in key order); the centroids, one row each."""
+    """Spherical k-means (faiss, on a GPU where a GPU build of faiss sees one) on ``train`` (rows in key order);
+    the centroids, one row each."""
     import faiss
 
     train = np.ascontiguousarray(train, dtype=np.float32)
-    kmeans = faiss.Kmeans(train.shape[1], n_clusters, niter=20, seed=seed, spherical=True, verbose=False)
+    gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    kmeans = faiss.Kmeans(train.shape[1], n_clusters, niter=20, seed=seed, spherical=True, verbose=False, gpu=gpu)
     kmeans.train(train)
     return kmeans.centroids.copy()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -114,13 +115,24 @@ def test_staged_decisions_equal_the_one_worker_rule(ray_local, tmp_path, monkeyp
     assert json.loads((tmp_path / "staged" / "run.json").read_text())["removed_by"] == json.loads(
         (tmp_path / "one" / "run.json").read_text())["removed_by"]
 
+    # A run that stopped after some shards resumes with the same decisions (the rest decided in stages).
+    shutil.copytree(tmp_path / "one", tmp_path / "resumed")
+    dropped = 0
+    for path in sorted((tmp_path / "resumed" / "index").glob("*.parquet"))[::2]:
+        dropped += pq.read_metadata(path).num_rows
+        (tmp_path / "resumed" / "shards" / f"{path.stem}.tar").unlink(missing_ok=True)
+        path.unlink()
+    summary = curate(_cfg(tmp_path, "resumed"), quiet=True)
+    assert (summary.skipped, summary.kept + summary.rejected + summary.failed) == (n - dropped, dropped) != (n, 0)
+    assert _decided(check_invariants(str(tmp_path / "resumed"), set(reference))) == reference
+
     monkeypatch.setattr(dedup, "CLUSTER_SIZE", 12)  # about five k-means clusters of the ~50 candidates
     clustered = _cfg(tmp_path, "clusters")
     plan = index_inputs(list_inputs(clustered))
     staged = decisions_dataset(plan, n, OutputStore(clustered.embeddings_path()), clustered.filter.model_dump())
     staged = staged.materialize()
     stats = staged.stats()
-    for stage in ("JoinShuffleReduce", "MapBatches(_exact_group)", "MapBatches(_near_group)", "MapBatches(_cut)"):
+    for stage in ("JoinShuffleReduce", "MapBatches(_exact_bucket)", "MapBatches(_near_group)", "MapBatches(_cut)"):
         assert stage in stats  # decided in stages across the cluster, not by one worker
     got = _decided(staged.take_all())
     expected = _reference(clustered)  # decide() in this process, with the same cluster count
