@@ -41,11 +41,20 @@ def operator_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_operator(config: dict[str, Any], device: str = "cpu") -> Operator:
-    """Build an operator from ``{"name", "model", "params"}`` (extra keys are ignored)."""
-    name = config.get("name")
+def _factory(name: str):
     if name not in _REGISTRY:
         raise UnknownOperatorError(f"unknown operator {name!r}; known: {', '.join(operator_names())}")
     module_name, factory_name = _REGISTRY[name].split(":")
-    factory = getattr(importlib.import_module(module_name), factory_name)
+    return getattr(importlib.import_module(module_name), factory_name)
+
+
+def check_params(name: str, params: dict[str, Any] | None) -> None:
+    """Raise ValueError (one line naming the param) for params operator ``name`` does not know or would ignore;
+    loads no model, so a config is refused before any actor starts."""
+    _factory(name).check_params(dict(params or {}))
+
+
+def build_operator(config: dict[str, Any], device: str = "cpu") -> Operator:
+    """Build an operator from ``{"name", "model", "params"}`` (extra keys are ignored)."""
+    factory = _factory(config.get("name"))
     return factory(model=config.get("model"), params=dict(config.get("params") or {}), device=device)

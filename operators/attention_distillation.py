@@ -346,11 +346,16 @@ class _TargetFeatures:
     """Style K/V (and content Q) for a sequence of AD steps, consumed in order.
 
     Reference mode runs the authors' separate style and content forwards per step; fast mode runs
-    ``feature_chunk`` steps' style+content latents as one batch with per-sample timesteps.
+    ``feature_chunk`` steps' style latents as one batch with per-sample timesteps. The content query comes, in
+    both modes, from a forward shaped exactly like the optimised latents' own (``rows`` copies, same code path),
+    so that at the first iteration, where the latent *is* the content latent, q equals q_c bit for bit: the
+    content loss and its L1 subgradient are exactly 0, as in the authors' code (a batched forward would leave
+    rounding noise whose signs Adam's first step follows).
     """
 
-    def __init__(self, model: ADModel, cfg: ADConfig, null: Cond, requests: Sequence[_Request]) -> None:
-        self.model, self.cfg, self.null, self.requests = model, cfg, null, list(requests)
+    def __init__(self, model: ADModel, cfg: ADConfig, null: Cond, requests: Sequence[_Request],
+                 rows: int = 1) -> None:
+        self.model, self.cfg, self.null, self.requests, self.rows = model, cfg, null, list(requests), rows
         self._cache: dict[int, _Targets] = {}
 
     def __getitem__(self, i: int) -> _Targets:
@@ -372,20 +377,22 @@ class _TargetFeatures:
             qc = [f.q for f in self.model.features(req.content, req.t, self.null.batch(1), layers)]
         return _Targets([(f.k, f.v) for f in style], qc)
 
+    def _content_q(self, req: _Request) -> list[torch.Tensor]:
+        content = req.content.expand(self.rows, *req.content.shape[1:])
+        feats = self.model.features(content, req.t, self.null.batch(self.rows), self.cfg.layer_ids, stop_early=True)
+        return [f.q[:1] for f in feats]
+
     def _batched(self, start: int, end: int) -> dict[int, _Targets]:
         reqs = self.requests[start:end]
-        rows = [torch.cat([r.style] + ([r.content] if r.content is not None else [])) for r in reqs]
+        rows = [r.style for r in reqs]
         per = [x.shape[0] for x in rows]
         t = torch.cat([r.t.reshape(1).expand(n) for r, n in zip(reqs, per, strict=True)]).to(self.model.device)
         feats = self.model.features(torch.cat(rows), t, self.null.batch(sum(per)), self.cfg.layer_ids,
                                     stop_early=True)
         out, offset = {}, 0
         for i, (req, n) in enumerate(zip(reqs, per, strict=True)):
-            # rows [offset, offset+S) are the styles, the next one (if any) the content
-            styles = req.style.shape[0]
-            kv = [concat_style_kv(f.k[offset:offset + styles], f.v[offset:offset + styles]) for f in feats]
-            qc = [f.q[offset + styles:offset + n] for f in feats] if req.content is not None else None
-            out[start + i] = _Targets(kv, qc)
+            kv = [concat_style_kv(f.k[offset:offset + n], f.v[offset:offset + n]) for f in feats]
+            out[start + i] = _Targets(kv, self._content_q(req) if req.content is not None else None)
             offset += n
         return out
 
@@ -456,7 +463,7 @@ def optimize(
     scheduler = model.scheduler()
     scheduler.set_timesteps(cfg.steps)
     timesteps = list(scheduler.timesteps)
-    targets = _TargetFeatures(model, cfg, null, [_Request(t, style, content) for t in timesteps])
+    targets = _TargetFeatures(model, cfg, null, [_Request(t, style, content) for t in timesteps], rows=num_images)
     latents = latents.detach().float().requires_grad_()
     optimizer = torch.optim.Adam([latents], lr=cfg.lr)
     cond = null.batch(num_images)
@@ -591,8 +598,8 @@ def panorama(
 ) -> ADRun:
     """Texture larger than the model's native size: AD-guided sampling on overlapping windows, averaged.
 
-    Reference mode re-extracts style features (fresh noise) for every window batch, as the authors do; fast mode
-    extracts them once per timestep and shares them across windows.
+    Style features are extracted with fresh noise for every window batch, as the authors do, in both modes (fast
+    mode batches the extractions of ``feature_chunk`` window batches into one forward).
     """
     scheduler = model.scheduler()
     window = int(model.unet.config.sample_size)
@@ -607,7 +614,7 @@ def panorama(
     scheduler.set_timesteps(cfg.steps)
     timesteps = list(scheduler.timesteps)
     t_ads = [_ad_timestep(t, scheduler) for t in timesteps]
-    per_step = 1 if cfg.fast else len(batches)
+    per_step = len(batches)
     noises = [[_draw_step_noise(generator, style, None, adain_on, model.device) for _ in range(per_step)]
               for _ in timesteps]
     requests = [_Request(ta, scheduler.add_noise(style, n.style, ta), None)
@@ -633,8 +640,8 @@ def panorama(
                     eps = model.eps(crops, t, prompt_cond.batch(len(batch)))
                 denoised = scheduler.step(eps, t, crops, return_dict=False)[0]
             if cfg.iters > 0:
-                k = i * per_step + (0 if cfg.fast else j)
-                step_noise = noises[i][0 if cfg.fast else j]
+                k = i * per_step + j
+                step_noise = noises[i][j]
                 adain_target = scheduler.add_noise(style, step_noise.adain, t_ads[i]) if adain_on else None
                 denoised = _ad_refine(model, denoised, t_ads[i], targets[k], adain_target, null, cfg, run)
             for crop, (h0, h1, w0, w1) in zip(denoised.chunk(len(batch)), batch, strict=True):
@@ -715,8 +722,20 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-_COMMON = {"method", "steps", "lr", "iters", "content_weight", "layers", "size", "num_images", "precision",
-           "attn_scale", "fast", "feature_chunk", "gradient_checkpointing"}
+_COMMON = {"method", "steps", "lr", "iters", "layers", "size", "num_images", "precision", "attn_scale", "fast",
+           "feature_chunk", "gradient_checkpointing"}
+
+# Params that only some (operator kind, method) pairs read: given elsewhere they would be ignored, so they are an
+# error. ``guidance_scale`` is not offered for textures: their prompt is empty, so CFG would only double the work.
+_APPLIES: dict[str, set[tuple[str, str]]] = {
+    "content_weight": {("transfer", "optimize"), ("transfer", "sample")},
+    "adain": {("t2i", "sample"), ("transfer", "sample"), ("texture", "sample"), ("texture", "panorama")},
+    "guidance_scale": {("t2i", "sample"), ("transfer", "sample")},
+    "negative_prompt": {("t2i", "sample"), ("transfer", "sample")},
+    "tiling": {("texture", "optimize"), ("texture", "sample"), ("texture", "panorama")},
+    "stride": {("texture", "panorama")},
+    "view_batch_size": {("texture", "panorama")},
+}
 
 # (operator kind, method) -> defaults (research/ad.md §3-§5).
 _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
@@ -747,16 +766,30 @@ class _ADOperator:
     name = "ad"
     kind = "t2i"
     methods: tuple[str, ...] = ("sample",)
-    extra_params: frozenset[str] = frozenset()
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any] | None) -> None:
+        """Refuse, without loading anything, a param that is unknown or that this operator and method would
+        ignore (one line naming it)."""
+        params = dict(params or {})
+        method = params.get("method", cls.methods[0])
+        if method not in cls.methods:
+            raise ValueError(f"{cls.name}: method must be one of {list(cls.methods)}, got {method!r}")
+        known = _COMMON | {p for p, where in _APPLIES.items() if any(kind == cls.kind for kind, _ in where)}
+        for param in sorted(params):
+            if param not in known:
+                raise ValueError(f"{cls.name}: unknown param {param!r}; known: {', '.join(sorted(known))}")
+            if param in _APPLIES and (cls.kind, method) not in _APPLIES[param]:
+                raise ValueError(f"{cls.name}: param {param!r} does not apply to method {method!r}")
+        fast = params.get("fast")
+        if "feature_chunk" in params and (fast is False or (fast is None and params.get("precision") == "fp32")):
+            raise ValueError(f"{cls.name}: param 'feature_chunk' applies to the fast mode only (fast: true, or a "
+                             "precision other than fp32)")
 
     def __init__(self, model: str, params: dict[str, Any] | None = None, device: str = "cpu") -> None:
         params = dict(params or {})
-        unknown = set(params) - _COMMON - self.extra_params
-        if unknown:
-            raise ValueError(f"{self.name}: unknown params {sorted(unknown)}")
+        self.check_params(params)
         method = params.get("method", self.methods[0])
-        if method not in self.methods:
-            raise ValueError(f"{self.name}: method must be one of {list(self.methods)}, got {method!r}")
         precision = params.get("precision") or ("bf16" if str(device).startswith("cuda") else "fp32")
         fast = bool(params.get("fast", precision != "fp32"))
         self.model_spec = model
@@ -854,7 +887,6 @@ class ADText2Image(_ADOperator):
     """``ad-t2i``: prompt + style image(s) -> AD-guided sampling with CFG (and AdaIN by default)."""
 
     name, kind, methods = "ad-t2i", "t2i", ("sample",)
-    extra_params = frozenset({"adain", "guidance_scale", "negative_prompt"})
 
     def _run(self, item: dict[str, Any], style: torch.Tensor, generator: torch.Generator) -> ADRun:
         s = self.settings
@@ -869,7 +901,6 @@ class ADTransfer(_ADOperator):
     """``ad-transfer``: content image + style image(s); optimisation from the content latent, or sampling."""
 
     name, kind, methods = "ad-transfer", "transfer", ("optimize", "sample")
-    extra_params = frozenset({"adain", "guidance_scale", "negative_prompt"})
 
     def _missing(self, item: dict[str, Any]) -> str | None:
         return None if item.get("content") is not None else f"{self.name}: no content image"
@@ -891,7 +922,6 @@ class ADTexture(_ADOperator):
     """``ad-texture``: style image(s) only; optimisation, sampling, or MultiDiffusion panorama; optional tiling."""
 
     name, kind, methods = "ad-texture", "texture", ("optimize", "sample", "panorama")
-    extra_params = frozenset({"tiling", "adain", "guidance_scale", "stride", "view_batch_size"})
 
     def __init__(self, model: str, params: dict[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(model, params, device)

@@ -47,11 +47,20 @@ class ColorTransfer:
     name = "color-transfer"
 
     def __init__(self, model: str | None = None, params: dict[str, Any] | None = None, device: str = "cpu"):
+        self.check_params(params)
+        self.strength = float((params or {}).get("strength", 1.0))
+
+    @staticmethod
+    def check_params(params: dict[str, Any] | None) -> None:
         params = dict(params or {})
-        self.strength = float(params.pop("strength", 1.0))
-        if params:
-            raise ValueError(f"color-transfer: unknown params {sorted(params)}")
-        if not 0.0 <= self.strength <= 1.0:
+        unknown = sorted(set(params) - {"strength"})
+        if unknown:
+            raise ValueError(f"color-transfer: unknown param {unknown[0]!r}; known: strength")
+        try:
+            strength = float(params.get("strength", 1.0))
+        except (TypeError, ValueError):
+            raise ValueError(f"color-transfer: strength must be a number, got {params['strength']!r}") from None
+        if not 0.0 <= strength <= 1.0:
             raise ValueError("color-transfer: strength must be in [0, 1]")
 
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -550,6 +550,10 @@ class SissiOperator:
 
     name = "sissi"
 
+    @staticmethod
+    def check_params(params: dict[str, Any] | None) -> None:
+        parse_params(params)
+
     def __init__(self, model: str | None = None, params: dict[str, Any] | None = None, device: str = "cpu"):
         from diffusers import FluxFillPipeline
 

@@ -116,6 +116,16 @@ class OperatorConfig(_ActorPool):
             raise ValueError(f"unknown operator {value!r}; known: {', '.join(operator_names())}")
         return value
 
+    @field_validator("params")
+    @classmethod
+    def _applicable(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Unknown or inapplicable params exit 2 at validation, not on every sample once actors start."""
+        from operators import check_params
+
+        if info.data.get("name") is not None:
+            check_params(info.data["name"], value)
+        return value
+
     @field_validator("model")
     @classmethod
     def _loadable(cls, value: str | None, info: ValidationInfo) -> str | None:

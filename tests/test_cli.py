@@ -56,6 +56,30 @@ def test_bad_config_exits_2_with_one_line(tmp_path, overrides, needles):
         assert_one_line_error(stylegen(command, str(cfg)), str(cfg), *needles)
 
 
+@pytest.mark.parametrize(
+    "operator, needles",
+    [
+        ({"name": "color-transfer", "params": {"strenght": 0.5}}, ["'strenght'"]),
+        ({"name": "sissi", "model": "tiny:flux-fill", "params": {"dssi": {"mod": "dynamic"}}}, ["dssi.mod"]),
+        ({"name": "ad-t2i", "model": "tiny:sd15", "params": {"stepz": 3}}, ["'stepz'"]),
+        ({"name": "ad-transfer", "model": "tiny:sd15", "params": {"method": "optimize", "guidance_scale": 3}},
+         ["'guidance_scale'", "'optimize'"]),
+        ({"name": "ad-transfer", "model": "tiny:sd15", "params": {"adain": True}}, ["'adain'", "'optimize'"]),
+        ({"name": "ad-texture", "model": "tiny:sd15", "params": {"stride": 8}}, ["'stride'", "'optimize'"]),
+        ({"name": "ad-texture", "model": "tiny:sd15", "params": {"method": "sample", "guidance_scale": 2}},
+         ["'guidance_scale'"]),
+        ({"name": "ad-t2i", "model": "tiny:sd15", "params": {"precision": "fp32", "feature_chunk": 4}},
+         ["'feature_chunk'", "fast mode"]),
+    ],
+)
+def test_unknown_or_inapplicable_operator_param_exits_2_before_any_actor(tmp_path, operator, needles):
+    cfg = write_config(tmp_path / "bad.yaml", operator=operator, output={"path": str(tmp_path / "out")})
+    for command in ("validate", "run"):
+        proc = stylegen(command, str(cfg))
+        assert_one_line_error(proc, str(cfg), "operator.params", *needles)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
 def test_missing_source_and_bad_override(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", style={"images": str(tmp_path / "nowhere")})
     assert_one_line_error(stylegen("run", str(cfg)), str(cfg), "style.images", "nowhere")

@@ -118,7 +118,7 @@ def test_operator_is_deterministic(pair_images):
 
 @pytest.mark.parametrize("params", [{"strenght": 0.5}, {"strength": 0.5, "mode": "lab"}])
 def test_unknown_params_raise(params):
-    with pytest.raises(ValueError, match="unknown params"):
+    with pytest.raises(ValueError, match="unknown param"):
         ColorTransfer(params=params)
 
 
