@@ -8,9 +8,11 @@ and :func:`sample` (AD-guided DDIM sampling with CFG), plus :func:`panorama` (Mu
 Two modes (research/ad.md; fixtures in shared/fixtures/ad-reference):
 - reference (``fast=False``, fp32): the authors' order of random draws, batch shapes and operations, so that with
   one CPU thread the fixtures are reproduced;
-- fast (``fast=True``, bf16 autocast by default on CUDA): style/content features for many timesteps in one
-  batched forward, forwards stop after the last AD layer, target attention under ``no_grad``, ``expand`` instead
-  of ``repeat``, gradient checkpointing for SDXL.
+- fast (``fast=True``, bf16 autocast by default on CUDA): style features for many timesteps in one batched
+  forward, forwards stop after the last AD layer, target attention under ``no_grad``, ``expand`` instead of
+  ``repeat``, gradient checkpointing for SDXL. It keeps the method: the same random draws, and the content query
+  from a forward shaped like the latents' own (the exact q = q_c tie at the first iteration); in fp32 it differs
+  from reference mode only by floating-point reassociation. Deviations from the authors' code: docs/ad.md.
 
 Every random draw comes from the item's ``torch.Generator`` (CPU), in the reference order: the initial latent,
 then per AD step AdaIN noise, style noise, content noise.
@@ -531,8 +533,11 @@ def sample(
     adain_on: bool,
     cfg: ADConfig,
     generator: torch.Generator,
+    start_time: float = 999,
 ) -> ADRun:
-    """AD-guided sampling: after every DDIM step (eta 0, CFG), optimise x_{t-1} against style noised to t-1."""
+    """AD-guided sampling: after every DDIM step (eta 0, CFG) at a timestep ``t < start_time``, optimise x_{t-1}
+    against style noised to t-1. The authors' default 999 exceeds every timestep (AD after every step); they advise
+    a lower one to delay AD and protect the structure of early steps. Skipped steps draw no noise, as theirs."""
     scheduler = model.scheduler()
     do_cfg = guidance_scale > 1.0
     px_h, px_w = height * model.vae_scale, width * model.vae_scale
@@ -542,14 +547,16 @@ def sample(
     scheduler.set_timesteps(cfg.steps)
     timesteps = list(scheduler.timesteps)
     null = model.null_cond(px_h, px_w)
-    t_ads = [_ad_timestep(t, scheduler) for t in timesteps]
-    noises = [_draw_step_noise(generator, style, content, adain_on, model.device) for _ in timesteps]
+    active = [i for i, t in enumerate(timesteps) if cfg.iters > 0 and t < start_time]  # steps followed by AD
+    t_ads = {i: _ad_timestep(timesteps[i], scheduler) for i in active}
+    noises = {i: _draw_step_noise(generator, style, content, adain_on, model.device) for i in active}
     requests = [
-        _Request(ta, scheduler.add_noise(style, n.style, ta),
-                 scheduler.add_noise(content, n.content, ta) if content is not None else None)
-        for ta, n in zip(t_ads, noises, strict=True)
+        _Request(t_ads[i], scheduler.add_noise(style, noises[i].style, t_ads[i]),
+                 scheduler.add_noise(content, noises[i].content, t_ads[i]) if content is not None else None)
+        for i in active
     ]
     targets = _TargetFeatures(model, cfg, null, requests)
+    position = {i: k for k, i in enumerate(active)}
     run = ADRun(latents)
     for i, t in enumerate(timesteps):
         with torch.no_grad():
@@ -560,9 +567,9 @@ def sample(
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
             latents = scheduler.step(eps, t, latents, return_dict=False)[0]
-        if cfg.iters > 0:
+        if i in position:
             adain_target = scheduler.add_noise(style, noises[i].adain, t_ads[i]) if adain_on else None
-            latents = _ad_refine(model, latents, t_ads[i], targets[i], adain_target, null, cfg, run)
+            latents = _ad_refine(model, latents, t_ads[i], targets[position[i]], adain_target, null, cfg, run)
     run.latents = latents
     return _finish(run)
 
@@ -734,6 +741,7 @@ _APPLIES: dict[str, set[tuple[str, str]]] = {
     "negative_prompt": {("t2i", "sample"), ("transfer", "sample")},
     "tiling": {("texture", "optimize"), ("texture", "sample"), ("texture", "panorama")},
     "stride": {("texture", "panorama")},
+    "start_time": {("t2i", "sample"), ("transfer", "sample"), ("texture", "sample")},
     "view_batch_size": {("texture", "panorama")},
 }
 
@@ -894,7 +902,7 @@ class ADText2Image(_ADOperator):
         return sample(self.model, style, None, prompt=item.get("prompt") or "",
                       negative_prompt=s["negative_prompt"], num_images=s["num_images"], height=height, width=width,
                       guidance_scale=float(s["guidance_scale"]), adain_on=bool(s["adain"]), cfg=self.config(),
-                      generator=generator)
+                      generator=generator, start_time=float(s.get("start_time", 999)))
 
 
 class ADTransfer(_ADOperator):
@@ -915,7 +923,7 @@ class ADTransfer(_ADOperator):
         return sample(self.model, style, content, prompt=item.get("prompt") or "",
                       negative_prompt=s.get("negative_prompt", ""), num_images=s["num_images"], height=height,
                       width=width, guidance_scale=float(s["guidance_scale"]), adain_on=bool(s["adain"]),
-                      cfg=self.config(), generator=generator)
+                      cfg=self.config(), generator=generator, start_time=float(s.get("start_time", 999)))
 
 
 class ADTexture(_ADOperator):
@@ -941,7 +949,8 @@ class ADTexture(_ADOperator):
         if s["method"] == "sample":
             return sample(self.model, style, None, prompt="", negative_prompt="", num_images=s["num_images"],
                           height=height, width=width, guidance_scale=float(s["guidance_scale"]),
-                          adain_on=bool(s["adain"]), cfg=self.config(), generator=generator)
+                          adain_on=bool(s["adain"]), cfg=self.config(), generator=generator,
+                          start_time=float(s.get("start_time", 999)))
         return panorama(self.model, style, num_images=s["num_images"], height=height, width=width,
                         stride=int(s["stride"]), view_batch_size=int(s["view_batch_size"]),
                         adain_on=bool(s["adain"]), cfg=self.config(), generator=generator)

@@ -233,3 +233,26 @@ def pil_to_tensor_for(model) -> torch.Tensor:
 
     size = model.native_size
     return pil_to_tensor(_picture(6, (size, size)))
+
+
+def test_start_time_delays_ad_to_the_later_steps():
+    from operators.attention_distillation import ADConfig, load_ad_model, pil_to_tensor, sample
+
+    model = load_ad_model(str(FIXTURES / "model"))
+    style = model.encode_images(pil_to_tensor(_picture(3)))
+
+    def run(start_time: float, iters: int = 2):
+        cfg = ADConfig(layers=(0, model.tap.num_self_layers), steps=4, iters=iters)
+        return sample(model, style, None, prompt="", negative_prompt="", num_images=1, height=8, width=8,
+                      guidance_scale=1.0, adain_on=True, cfg=cfg, generator=torch.Generator().manual_seed(0),
+                      start_time=start_time)
+
+    scheduler = model.scheduler()
+    scheduler.set_timesteps(4)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    assert len(run(999).ad_losses) == 4 * 2  # the default: AD after every step
+    late = run(timesteps[1])  # AD only after the steps at t < timesteps[1]: the last two
+    assert len(late.ad_losses) == 2 * 2
+    never = run(0)
+    assert never.ad_losses == [] and torch.equal(never.latents, run(999, iters=0).latents)  # plain DDIM, no draws
+    assert not torch.equal(late.latents, never.latents)

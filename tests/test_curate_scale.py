@@ -100,6 +100,7 @@ def test_staged_decisions_equal_the_one_worker_rule(ray_local, tmp_path, monkeyp
     assert len(one) == n
     reference = _reference(cfg)
     assert one == reference
+    assert reference == _reference(_cfg(tmp_path, "g", dedup_method="greedy"))  # one cluster: the exact rule
     reasons = " ".join(r for _, r, _ in one.values() if r)
     for rule in ("exact duplicate of", "near-duplicate of", "not in top_fraction", "min side 6 < 8", "caption 1",
                  "image:"):
