@@ -534,16 +534,25 @@ def sample(
     cfg: ADConfig,
     generator: torch.Generator,
     start_time: float = 999,
+    init_from_style: bool = False,
 ) -> ADRun:
     """AD-guided sampling: after every DDIM step (eta 0, CFG) at a timestep ``t < start_time``, optimise x_{t-1}
     against style noised to t-1. The authors' default 999 exceeds every timestep (AD after every step); they advise
-    a lower one to delay AD and protect the structure of early steps. Skipped steps draw no noise, as theirs."""
+    a lower one to delay AD and protect the structure of early steps. Skipped steps draw no noise, as theirs.
+    ``init_from_style`` (the authors' SDXL option) starts from the style latent noised to t = 999 instead of pure
+    noise (image i from style i mod S; the authors' code stacks every style for every image)."""
     scheduler = model.scheduler()
     do_cfg = guidance_scale > 1.0
     px_h, px_w = height * model.vae_scale, width * model.vae_scale
     cond = model.prompt_cond(prompt, negative_prompt, num_images, do_cfg, px_h, px_w).batch(1)
     channels = model.unet.config.in_channels
     latents = _randn(generator, (num_images, channels, height, width), model.device) * scheduler.init_noise_sigma
+    if init_from_style:
+        if tuple(style.shape[-2:]) != (height, width):
+            raise ValueError(f"init_from_style needs the output size of the style latents ({style.shape[-1]}x"
+                             f"{style.shape[-2]} latent px), got {width}x{height}")
+        init = style[torch.arange(num_images) % style.shape[0]]
+        latents = scheduler.add_noise(init, _randn(generator, init.shape, model.device), torch.tensor([999]))
     scheduler.set_timesteps(cfg.steps)
     timesteps = list(scheduler.timesteps)
     null = model.null_cond(px_h, px_w)
@@ -742,6 +751,7 @@ _APPLIES: dict[str, set[tuple[str, str]]] = {
     "tiling": {("texture", "optimize"), ("texture", "sample"), ("texture", "panorama")},
     "stride": {("texture", "panorama")},
     "start_time": {("t2i", "sample"), ("transfer", "sample"), ("texture", "sample")},
+    "init_from_style": {("t2i", "sample")},
     "view_batch_size": {("texture", "panorama")},
 }
 
@@ -902,7 +912,8 @@ class ADText2Image(_ADOperator):
         return sample(self.model, style, None, prompt=item.get("prompt") or "",
                       negative_prompt=s["negative_prompt"], num_images=s["num_images"], height=height, width=width,
                       guidance_scale=float(s["guidance_scale"]), adain_on=bool(s["adain"]), cfg=self.config(),
-                      generator=generator, start_time=float(s.get("start_time", 999)))
+                      generator=generator, start_time=float(s.get("start_time", 999)),
+                      init_from_style=bool(s.get("init_from_style", False)))
 
 
 class ADTransfer(_ADOperator):

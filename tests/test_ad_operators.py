@@ -256,3 +256,32 @@ def test_start_time_delays_ad_to_the_later_steps():
     never = run(0)
     assert never.ad_losses == [] and torch.equal(never.latents, run(999, iters=0).latents)  # plain DDIM, no draws
     assert not torch.equal(late.latents, never.latents)
+
+
+def test_init_from_style_starts_from_the_noised_style_latent(monkeypatch):
+    """The authors' SDXL option: after the initial draw, x_T = add_noise(style, randn, 999) (next draw)."""
+    from operators import attention_distillation as ad
+
+    model = ad.load_ad_model(str(FIXTURES / "model"))
+    style = model.encode_images(ad.pil_to_tensor(_picture(3)))
+    started = []
+
+    class Recording(ad.ADRun):
+        def __init__(self, latents, *args, **kwargs):
+            started.append(latents.clone())
+            super().__init__(latents, *args, **kwargs)
+
+    monkeypatch.setattr(ad, "ADRun", Recording)
+    cfg = ad.ADConfig(layers=(0, model.tap.num_self_layers), steps=2, iters=1)
+    ad.sample(model, style, None, prompt="", negative_prompt="", num_images=2, height=8, width=8,
+              guidance_scale=1.0, adain_on=False, cfg=cfg, generator=torch.Generator().manual_seed(5),
+              init_from_style=True)
+    gen = torch.Generator().manual_seed(5)
+    torch.randn((2, 4, 8, 8), generator=gen)  # the initial latent is drawn first, then replaced
+    noise = torch.randn((2, 4, 8, 8), generator=gen)
+    expected = model.scheduler().add_noise(torch.cat([style, style]), noise, torch.tensor([999]))
+    torch.testing.assert_close(started[0], expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="init_from_style"):
+        ad.sample(model, style, None, prompt="", negative_prompt="", num_images=1, height=16, width=16,
+                  guidance_scale=1.0, adain_on=False, cfg=cfg, generator=torch.Generator().manual_seed(5),
+                  init_from_style=True)
