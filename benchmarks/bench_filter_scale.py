@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -20,8 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_plan_scale import _reset_peak, _status_mib  # noqa: E402
-from benchmarks.common import report  # noqa: E402
+from benchmarks.common import child_result, report, reset_peak, status_mib  # noqa: E402
 
 SIZES = (20_000, 200_000)
 PER_TAR = 1_000
@@ -60,21 +58,16 @@ def child(root: str, n: int) -> None:
         "filter": {"dedup_exact": True, "dedup_threshold": 0.999, "top_fraction": 0.5},
     }, schema=FilterRunConfig)
     init_ray(None, quiet=True)
-    start_mib = _reset_peak()
+    start_mib = reset_peak()
     t0 = time.perf_counter()
     summary = curate(cfg, quiet=True)
     seconds = time.perf_counter() - t0
-    print("RESULT " + json.dumps({"seconds": seconds, "rss_mib": _status_mib("VmHWM"), "start_mib": start_mib,
+    print("RESULT " + json.dumps({"seconds": seconds, "rss_mib": status_mib("VmHWM"), "start_mib": start_mib,
                                   "planned": summary.planned, "kept": summary.kept}))
 
 
 def _measure(root: Path, n: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", str(root), str(n)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=3600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"filter {n} failed: {proc.stderr[-3000:]}")
-    return json.loads(lines[-1][7:])
+    return child_result(__file__, str(root), str(n), timeout=3600)
 
 
 def main() -> None:

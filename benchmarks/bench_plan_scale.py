@@ -10,7 +10,6 @@ Ray's own processes are not the driver. Ray is started before the clock starts, 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import report  # noqa: E402
+from benchmarks.common import child_result, report, reset_peak, status_mib  # noqa: E402
 
 STYLES = 1000
 SIZES = (100_000, 1_000_000)
@@ -76,7 +75,7 @@ def child(mode: str, root: str, n: int) -> None:
         from pipeline.plan import build_plan
         from pipeline.sink import OutputStore
 
-        start_mib = _reset_peak()
+        start_mib = reset_peak()
         t0 = time.perf_counter()
         plan = build_plan(cfg)
         done = OutputStore(cfg.output.path).done_keys()
@@ -89,38 +88,17 @@ def child(mode: str, root: str, n: int) -> None:
         if mode == "resume-join":
             resume.BROADCAST_KEYS = 0
         init_ray(None, quiet=True)
-        start_mib = _reset_peak()
+        start_mib = reset_peak()
         t0 = time.perf_counter()
         summary = plan_only(cfg, quiet=True)
         seconds, planned, n_todo = time.perf_counter() - t0, summary.planned, summary.todo
-    rss_mib = _status_mib("VmHWM")
+    rss_mib = status_mib("VmHWM")
     print("RESULT " + json.dumps({"seconds": seconds, "rss_mib": rss_mib, "start_mib": start_mib,
                                   "planned": planned, "todo": n_todo}))
 
 
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> float:
-    """Reset this process's peak RSS to its current RSS (Linux ``clear_refs`` 5); return the current RSS."""
-    import gc
-
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mib("VmRSS")
-
-
 def _measure(mode: str, root: Path, n: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(root), str(n)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{mode} {n} failed: {proc.stderr[-3000:]}")
-    return json.loads(lines[-1][7:])
+    return child_result(__file__, mode, str(root), str(n))
 
 
 def main() -> None:
