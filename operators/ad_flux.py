@@ -173,11 +173,14 @@ def flux_ad_sample(
     max_sequence_length: int = 512,
     generator: torch.Generator,
     prompt_2: str | None = None,
+    gradient_checkpointing: bool = False,
 ):
     """AD-guided FLUX sampling. Returns ``(packed_latents, image, trace)``.
 
     ``style_image`` is (1, 3, Hs, Ws) float in [0, 1]; only one style image and one output image are supported,
-    like the reference. ``trace`` holds the step-by-step tensors named as in the fixture files.
+    like the reference. ``gradient_checkpointing`` (the notebook's ``enable_gradient_checkpoint``) trades compute
+    for memory in the AD backward passes and changes no bits. ``trace`` holds the step-by-step tensors, named as in
+    the fixture files.
     """
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
@@ -215,14 +218,18 @@ def flux_ad_sample(
     timesteps = scheduler.timesteps
     trace["timesteps"], trace["sigmas"] = timesteps.clone(), scheduler.sigmas.clone()
 
-    saved_processors = transformer.attn_processors
+    saved_processors, saved_checkpointing = transformer.attn_processors, transformer.gradient_checkpointing
     tap = install_tap(transformer, layers)
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
     try:
         latents = _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr, iters, guidance_scale,
                            generator, (prompt_embeds, pooled, text_ids, image_ids),
                            (null_embeds, null_pooled, null_text_ids, style_ids), trace)
     finally:
         transformer.set_attn_processor(saved_processors)
+        if gradient_checkpointing and not saved_checkpointing:
+            transformer.disable_gradient_checkpointing()
     for name in ("euler_out", "style_noised", "ad_init", "ad_out", "layer_losses", "losses"):
         trace[name] = torch.stack(trace[name]) if trace[name] else None
     trace["ad_step_index"] = torch.tensor(trace["ad_step_index"])

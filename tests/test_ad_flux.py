@@ -60,12 +60,13 @@ def _golden(case: dict) -> dict[str, torch.Tensor]:
     return load_file(str(FIXTURES / case["file"]))
 
 
-def _run(ad_flux, pipe, case: dict):
+def _run(ad_flux, pipe, case: dict, **kwargs):
     return ad_flux.flux_ad_sample(
         pipe, _image(case["style_image"]), case["prompt"], height=case["height"], width=case["width"],
         steps=case["num_inference_steps"], lr=case["lr"], iters=case["iters"], layers=tuple(case["layers"]),
         guidance_scale=case["guidance_scale"], start_time=case["start_time"],
         max_sequence_length=case["max_sequence_length"], generator=torch.Generator().manual_seed(case["seed"]),
+        **kwargs,
     )
 
 
@@ -98,3 +99,13 @@ def test_processors_restored(ad_flux, pipe):
     _run(ad_flux, pipe, CASES["t2i_params"])
     assert {k: type(v) for k, v in pipe.transformer.attn_processors.items()} == before
     assert not any(isinstance(v, ad_flux.FluxTapProcessor) for v in pipe.transformer.attn_processors.values())
+
+
+def test_gradient_checkpointing_changes_no_bits(ad_flux, pipe):
+    """The authors' notebook runs with gradient checkpointing on; it must not move a bit, and is undone after."""
+    case = CASES["t2i_basic"]
+    golden = _golden(case)
+    latents, image, trace = _run(ad_flux, pipe, case, gradient_checkpointing=True)
+    assert not pipe.transformer.gradient_checkpointing
+    for key, have in (("latents", latents), ("image", image), ("grad0", trace["grad0"])):
+        assert torch.equal(have, golden[key]), key
