@@ -20,6 +20,7 @@ TINY_BUILDERS: dict[str, str] = {
     "sd15": "operators.tiny_sd:save_tiny_sd15",
     "sdxl": "operators.tiny_sd:save_tiny_sdxl",
     "flux-fill": "operators.tiny_flux:save_tiny_flux_fill",
+    "flux": "operators.tiny_flux:save_tiny_flux",
 }
 
 # Bump when a tiny builder changes, so cached tiny models are rebuilt.
@@ -73,7 +74,7 @@ def resolve_model(spec: str) -> str:
 # Which tiny kinds each operator can load (anything else fails in the actor, long after start-up).
 OPERATOR_TINY_KINDS: dict[str, tuple[str, ...]] = {
     "sissi": ("flux-fill",),
-    "ad-t2i": ("sd15", "sdxl"),
+    "ad-t2i": ("sd15", "sdxl", "flux"),
     "ad-transfer": ("sd15", "sdxl"),
     "ad-texture": ("sd15", "sdxl"),
 }

@@ -1,4 +1,4 @@
-"""Offline random-weight FLUX.1-Fill family model, for tests and CPU benchmarks.
+"""Offline random-weight FLUX.1 models (Fill and text-to-image), for tests and CPU benchmarks.
 
 It keeps what the Sissi code depends on: double- and single-stream blocks with joint attention, QK-RMSNorm,
 RoPE, the guidance embedding, a VAE that downsamples by 8 with 2x2 latent packing (so 16 px = one token),
@@ -89,14 +89,10 @@ def _t5_tokenizer():
     return tok, len(pieces)
 
 
-def build_tiny_flux_fill(seed: int = 0, size: str = "small", **overrides: Any):
-    """Return a random-weight ``FluxFillPipeline``; weights depend only on ``seed`` and the size."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxFillPipeline,
-        FluxTransformer2DModel,
-    )
+def _build_tiny_flux(pipeline_cls, in_channels, seed: int, size: str, overrides: dict[str, Any]):
+    """Shared builder of the tiny Fill and text-to-image pipelines; ``in_channels(latent_channels)`` gives the
+    transformer's input width. Weights depend only on ``seed``, the size and that width."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if size not in SIZES:
@@ -156,10 +152,9 @@ def build_tiny_flux_fill(seed: int = 0, size: str = "small", **overrides: Any):
                 eos_token_id=1,
             )
         )
-        packed_mask = 4 * 8 * 8  # the pixel mask reshaped to 8x8 per latent, then 2x2-packed
         transformer = FluxTransformer2DModel(
             patch_size=1,
-            in_channels=8 * latent_ch + packed_mask,
+            in_channels=in_channels(latent_ch),
             out_channels=4 * latent_ch,
             num_layers=int(cfg["num_layers"]),
             num_single_layers=int(cfg["num_single_layers"]),
@@ -177,7 +172,7 @@ def build_tiny_flux_fill(seed: int = 0, size: str = "small", **overrides: Any):
         max_shift=1.15,
         use_dynamic_shifting=True,
     )
-    return FluxFillPipeline(
+    return pipeline_cls(
         scheduler=scheduler,
         vae=vae,
         text_encoder=clip.eval(),
@@ -188,10 +183,34 @@ def build_tiny_flux_fill(seed: int = 0, size: str = "small", **overrides: Any):
     )
 
 
+def build_tiny_flux_fill(seed: int = 0, size: str = "small", **overrides: Any):
+    """Return a random-weight ``FluxFillPipeline``; weights depend only on ``seed`` and the size."""
+    from diffusers import FluxFillPipeline
+
+    packed_mask = 4 * 8 * 8  # the pixel mask reshaped to 8x8 per latent, then 2x2-packed
+    return _build_tiny_flux(FluxFillPipeline, lambda ch: 8 * ch + packed_mask, seed, size, overrides)
+
+
+def build_tiny_flux(seed: int = 0, size: str = "small", **overrides: Any):
+    """Return a random-weight text-to-image ``FluxPipeline`` (packed noisy latents only, 4 x latent channels)."""
+    from diffusers import FluxPipeline
+
+    return _build_tiny_flux(FluxPipeline, lambda ch: 4 * ch, seed, size, overrides)
+
+
 def save_tiny_flux_fill(out_dir: Path, seed: int = 0, **size: Any) -> Path:
     """Write the tiny pipeline to ``out_dir`` (diffusers layout, safetensors). ``size``: see ``SIZES``."""
     pipe = build_tiny_flux_fill(seed=seed, **size)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     logger.info("wrote tiny flux-fill (seed=%s, %s) to %s", seed, size or "small", out)
+    return out
+
+
+def save_tiny_flux(out_dir: Path, seed: int = 0, **size: Any) -> Path:
+    """Write the tiny text-to-image ``FluxPipeline`` to ``out_dir`` (diffusers layout, safetensors)."""
+    pipe = build_tiny_flux(seed=seed, **size)
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    logger.info("wrote tiny flux (seed=%s, %s) to %s", seed, size or "small", out)
     return out
