@@ -48,10 +48,17 @@ def _factory(name: str):
     return getattr(importlib.import_module(module_name), factory_name)
 
 
-def check_params(name: str, params: dict[str, Any] | None) -> None:
+def check_params(name: str, params: dict[str, Any] | None, model: str | None = None) -> None:
     """Raise ValueError (one line naming the param) for params operator ``name`` does not know or would ignore;
-    loads no model, so a config is refused before any actor starts."""
-    _factory(name).check_params(dict(params or {}))
+    loads no model, so a config is refused before any actor starts. ``model`` (the config's spec) is passed to
+    operators whose params depend on the model family (``ad-t2i``: SD/SDXL or FLUX)."""
+    import inspect
+
+    check = _factory(name).check_params
+    if model is not None and "model" in inspect.signature(check).parameters:
+        check(dict(params or {}), model=model)
+    else:
+        check(dict(params or {}))
 
 
 def build_operator(config: dict[str, Any], device: str = "cpu") -> Operator:

@@ -174,11 +174,16 @@ def flux_ad_sample(
     generator: torch.Generator,
     prompt_2: str | None = None,
     gradient_checkpointing: bool = False,
+    adain_on: bool = True,
 ):
     """AD-guided FLUX sampling. Returns ``(packed_latents, image, trace)``.
 
-    ``style_image`` is (1, 3, Hs, Ws) float in [0, 1]; only one style image and one output image are supported,
-    like the reference. ``gradient_checkpointing`` (the notebook's ``enable_gradient_checkpoint``) trades compute
+    ``style_image`` is (S, 3, Hs, Ws) float in [0, 1]. With S = 1 this is the reference, draw for draw. Beyond it,
+    S > 1 style images (same size) are supported: their posterior samples and per-step noises are drawn as one
+    (S, ...) tensor, each style gets its own null-prompt feature pass, and their K/V (null-text tokens included)
+    are concatenated on the token axis, so each query attends jointly over all styles; AdaIN pools the styles'
+    statistics. ``adain_on=False`` skips the AdaIN the reference applies at every AD step. One output image per
+    call. ``gradient_checkpointing`` (the notebook's ``enable_gradient_checkpoint``) trades compute
     for memory in the AD backward passes and changes no bits. ``trace`` holds the step-by-step tensors, named as in
     the fixture files.
     """
@@ -205,7 +210,8 @@ def flux_ad_sample(
         style_latent = posterior.sample(generator)
     style_latent = (style_latent - vae.config.shift_factor) * vae.config.scaling_factor
     trace["style_latent"] = style_latent.clone()
-    style_latent = pipe._pack_latents(style_latent, 1, channels, style_latent.shape[2], style_latent.shape[3])
+    styles, _, style_h, style_w = style_latent.shape
+    style_latent = pipe._pack_latents(style_latent, styles, channels, style_h, style_w)
     _, style_ids = pipe.prepare_latents(batch, channels, style_image.shape[2], style_image.shape[3], dtype, device,
                                         generator, style_latent)
     trace.update(null_embeds=null_embeds, null_pooled_embeds=null_pooled, prompt_embeds=prompt_embeds,
@@ -225,7 +231,7 @@ def flux_ad_sample(
     try:
         latents = _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr, iters, guidance_scale,
                            generator, (prompt_embeds, pooled, text_ids, image_ids),
-                           (null_embeds, null_pooled, null_text_ids, style_ids), trace)
+                           (null_embeds, null_pooled, null_text_ids, style_ids), trace, adain_on)
     finally:
         transformer.set_attn_processor(saved_processors)
         if gradient_checkpointing and not saved_checkpointing:
@@ -241,7 +247,7 @@ def flux_ad_sample(
 
 
 def _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr, iters, guidance_scale, generator,
-             cond, null, trace):
+             cond, null, trace, adain_on=True):
     """The reference's loop: Euler step, then (if t < start_time) style pass, AdaIN and a fresh Adam."""
     transformer, scheduler = pipe.transformer, pipe.scheduler
     device, dtype, batch = latents.device, latents.dtype, latents.shape[0]
@@ -274,10 +280,20 @@ def _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr,
         else:
             t_next = torch.tensor([0], device=device)
             style_ = style_latent
+        ks, vs = [], []
         with torch.no_grad():
-            forward(style_, t_next / 1000, null_guidance, null_pooled, null_embeds, null_text_ids, style_ids)
-        ref_k, ref_v = tap.k, tap.v
-        latents = adain(latents, style_).detach().requires_grad_()
+            for one in style_.split(1):  # one null-prompt pass per style image
+                forward(one, t_next / 1000, null_guidance, null_pooled, null_embeds, null_text_ids, style_ids)
+                ks.append(tap.k)
+                vs.append(tap.v)
+        if len(ks) == 1:
+            ref_k, ref_v = ks[0], vs[0]
+        else:  # several styles: K/V joined on the token axis, per layer
+            ref_k = [torch.cat(layer, dim=2) for layer in zip(*ks, strict=True)]
+            ref_v = [torch.cat(layer, dim=2) for layer in zip(*vs, strict=True)]
+        if adain_on:
+            latents = adain(latents, style_)
+        latents = latents.detach().requires_grad_()
         trace["ad_step_index"].append(i)
         trace["ad_init"].append(latents.detach().clone())
         optimizer = torch.optim.Adam([latents], lr=lr)

@@ -901,10 +901,172 @@ class _ADOperator:
         raise NotImplementedError
 
 
+# FLUX (``ad-t2i`` only): the params ``flux_ad_sample`` reads, and the authors' notebook defaults.
+_FLUX_PARAMS = {"method", "steps", "lr", "iters", "layers", "size", "guidance_scale", "start_time",
+                "max_sequence_length", "adain", "num_images", "precision", "gradient_checkpointing"}
+_FLUX_DEFAULTS: dict[str, Any] = {"steps": 28, "lr": 0.01, "iters": 2, "guidance_scale": 3.5, "start_time": 9999,
+                                  "max_sequence_length": 512, "adain": True, "num_images": 1, "precision": "fp32",
+                                  "gradient_checkpointing": False}
+_FLUX_LAST_CALLS = 7  # default layers: the last 7 joint-attention calls, (50, 57) on FLUX.1-dev
+
+
+def flux_kind(spec: str | None, *, offline: bool = False) -> bool | None:
+    """Whether ``spec`` is a text-to-image FLUX pipeline (model_index.json ``_class_name`` FluxPipeline).
+
+    ``offline``: decide without building or downloading anything (config time): ``tiny:<kind>`` and local
+    directories are answered, a hub id gives None (unknown)."""
+    from operators.models import TINY_PREFIX, looks_local
+
+    if spec is None:
+        return None
+    if spec.startswith(TINY_PREFIX):
+        return spec[len(TINY_PREFIX):].partition("@")[0] == "flux"
+    if offline:
+        import json
+        import os
+
+        index = os.path.join(os.path.expanduser(spec), "model_index.json")
+        if not (looks_local(spec) and os.path.isfile(index)):
+            return None
+        with open(index) as f:
+            return json.load(f).get("_class_name") == "FluxPipeline"
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(resolve_model(spec)).get("_class_name") == "FluxPipeline"
+
+
+_FLUX_CACHE: dict[str, Any] = {}
+
+
+def load_flux_model(spec: str):
+    """Load (once per process) a FLUX pipeline through :func:`operators.ad_flux.load_flux_pipeline` (CPU, fp32)."""
+    if spec not in _FLUX_CACHE:
+        from operators.ad_flux import load_flux_pipeline
+
+        _FLUX_CACHE[spec] = load_flux_pipeline(resolve_model(spec))
+    return _FLUX_CACHE[spec]
+
+
 class ADText2Image(_ADOperator):
-    """``ad-t2i``: prompt + style image(s) -> AD-guided sampling with CFG (and AdaIN by default)."""
+    """``ad-t2i``: prompt + style image(s) -> AD-guided sampling with CFG (and AdaIN by default).
+
+    On a FLUX model (docs/ad.md, "FLUX") it runs :func:`operators.ad_flux.flux_ad_sample` instead of the UNet path.
+    """
 
     name, kind, methods = "ad-t2i", "t2i", ("sample",)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any] | None, model: str | None = None) -> None:
+        """As :meth:`_ADOperator.check_params`; with ``model`` known to be FLUX, against the FLUX params. With a
+        model not known offline (a hub id, or none given), ``max_sequence_length`` is let through here and the
+        check is completed when the operator is built."""
+        params = dict(params or {})
+        flux = flux_kind(model, offline=True)
+        if flux:
+            return cls._check_flux(params)
+        if flux is None:
+            params.pop("max_sequence_length", None)
+        elif "max_sequence_length" in params:
+            raise ValueError(f"{cls.name}: param 'max_sequence_length' applies to FLUX models only")
+        super().check_params(params)
+
+    @classmethod
+    def _check_flux(cls, params: dict[str, Any]) -> None:
+        for param in sorted(params):
+            if param not in _FLUX_PARAMS:
+                raise ValueError(f"{cls.name}: param {param!r} does not apply to FLUX models; FLUX params: "
+                                 f"{', '.join(sorted(_FLUX_PARAMS))}")
+        if params.get("method", "sample") != "sample":
+            raise ValueError(f"{cls.name}: method must be 'sample' on FLUX, got {params['method']!r}")
+        if params.get("precision", "fp32") != "fp32":
+            raise ValueError(f"{cls.name}: precision must be 'fp32' on FLUX (no fast/bf16 mode yet), got "
+                             f"{params['precision']!r}")
+
+    def __init__(self, model: str, params: dict[str, Any] | None = None, device: str = "cpu") -> None:
+        params = dict(params or {})
+        self.flux = bool(flux_kind(model))
+        if not self.flux:
+            if "max_sequence_length" in params:
+                raise ValueError(f"{self.name}: param 'max_sequence_length' applies to FLUX models only")
+            super().__init__(model, params, device)
+            return
+        self._check_flux(params)
+        if not str(device).startswith("cpu"):
+            log.warning("%s: FLUX AD runs on the CPU in fp32 for now (device %s not used)", self.name, device)
+        self.model_spec = model
+        self.pipe = load_flux_model(model)
+        settings = dict(_FLUX_DEFAULTS)
+        settings.update({k: v for k, v in params.items() if v is not None})
+        settings["method"] = "sample"
+        calls = len(self.pipe.transformer.transformer_blocks) + len(self.pipe.transformer.single_transformer_blocks)
+        layers = params.get("layers")
+        if layers is None:
+            settings["layers"] = (max(calls - _FLUX_LAST_CALLS, 0), calls)
+        else:
+            start, end = (int(v) for v in layers)
+            if not 0 <= start < end <= calls:
+                raise ValueError(f"{self.name}: layers must be a range [start, end) within [0, {calls}] "
+                                 f"(joint-attention calls, double- then single-stream), got {layers}")
+            settings["layers"] = (start, end)
+        multiple = 2 * self.pipe.vae_scale_factor  # 2x2 latent packing
+        size = params.get("size")
+        if size is None:
+            width = height = int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
+        elif isinstance(size, int):
+            width = height = size
+        else:
+            width, height = (int(v) for v in size)
+        if width % multiple or height % multiple or width <= 0 or height <= 0:
+            raise ValueError(f"{self.name}: size {width}x{height} must be positive multiples of {multiple}")
+        settings["size"] = (width, height)
+        settings["num_images"] = int(settings["num_images"])
+        if settings["num_images"] < 1:
+            raise ValueError(f"{self.name}: num_images must be >= 1")
+        for name, kind in (("steps", int), ("iters", int), ("max_sequence_length", int)):
+            settings[name] = kind(settings[name])
+            if settings[name] < 1:
+                raise ValueError(f"{self.name}: {name} must be >= 1")
+        self.settings = settings
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self.flux:
+            return super().__call__(items)
+        return [self._one_flux(item) for item in items]
+
+    def _one_flux(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Images 0..n-1 drawn one after another from the item's generator; image 0 is exactly
+        ``flux_ad_sample`` with that generator."""
+        from operators.ad_flux import flux_ad_sample
+
+        key = item.get("key")
+        styles = self._styles(item)
+        if not styles:
+            return {"key": key, "error": f"{self.name}: no style image"}
+        s = self.settings
+        seed = int(item.get("seed") or 0)
+        started = time.perf_counter()
+        width, height = s["size"]
+        style = torch.cat([pil_to_tensor(im, (width, height)) for im in styles])
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        images, losses = [], []
+        for _ in range(s["num_images"]):
+            _, image, trace = flux_ad_sample(
+                self.pipe, style, item.get("prompt") or "", height=height, width=width, steps=s["steps"],
+                lr=float(s["lr"]), iters=s["iters"], layers=s["layers"], guidance_scale=float(s["guidance_scale"]),
+                start_time=float(s["start_time"]), max_sequence_length=s["max_sequence_length"],
+                generator=generator, gradient_checkpointing=bool(s["gradient_checkpointing"]),
+                adain_on=bool(s["adain"]))
+            images.extend(tensor_to_pil(image))
+            if trace["losses"] is not None:
+                losses.append(float(trace["losses"][-1, -1]))
+        meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()}
+        meta.update(operator=self.name, model=self.model_spec, family="flux", seed=seed, num_styles=len(styles),
+                    final_ad_loss=losses[-1] if losses else None, prompt=item.get("prompt") or "",
+                    seconds=round(time.perf_counter() - started, 3))
+        result = {"key": key, "image": images[0], "meta": meta}
+        if len(images) > 1:
+            result["images"] = images
+        return result
 
     def _run(self, item: dict[str, Any], style: torch.Tensor, generator: torch.Generator) -> ADRun:
         s = self.settings

@@ -123,7 +123,7 @@ class OperatorConfig(_ActorPool):
         from operators import check_params
 
         if info.data.get("name") is not None:
-            check_params(info.data["name"], value)
+            check_params(info.data["name"], value, info.data.get("model"))
         return value
 
     @field_validator("model")
