@@ -70,6 +70,10 @@ def test_bad_config_exits_2_with_one_line(tmp_path, overrides, needles):
          ["'guidance_scale'"]),
         ({"name": "ad-t2i", "model": "tiny:sd15", "params": {"precision": "fp32", "feature_chunk": 4}},
          ["'feature_chunk'", "fast mode"]),
+        ({"name": "ad-t2i", "model": "tiny:flux", "params": {"negative_prompt": "blurry"}},
+         ["'negative_prompt'", "FLUX"]),
+        ({"name": "ad-t2i", "model": "tiny:sd15", "params": {"max_sequence_length": 64}},
+         ["'max_sequence_length'", "FLUX"]),
     ],
 )
 def test_unknown_or_inapplicable_operator_param_exits_2_before_any_actor(tmp_path, operator, needles):

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 CASES = {
     "sissi": ("tiny:flux-fill", {"panel_size": 64, "steps": 2, "dssi": {"mode": "dynamic"}}, (64, 64), False),
     "ad-t2i": ("tiny:sd15", {"steps": 2, "iters": 1, "size": 64}, (64, 64), False),
+    # FLUX through the same operator; 32 px = 2x2 packed tokens, a short T5 sequence keeps it fast on CPU
+    "ad-t2i/flux": ("tiny:flux", {"steps": 2, "iters": 1, "size": 32, "max_sequence_length": 32}, (32, 32), False),
     "ad-transfer": ("tiny:sd15", {"steps": 2, "iters": 1, "size": 64}, (64, 64), True),
     "ad-texture": ("tiny:sd15", {"steps": 2, "iters": 1, "size": 64}, (64, 64), False),
 }
@@ -28,6 +30,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_operator_run_passes_invariants(ray_local, samples, tmp_path, name):
     model, params, size, needs_content = CASES[name]
+    name = name.split("/")[0]
     content = {"prompts": str(samples / "prompts.txt")}
     if needs_content:
         content["images"] = str(samples / "content")
