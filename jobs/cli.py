@@ -347,7 +347,7 @@ def reproduce(
 
 @models_app.command("tiny")
 def models_tiny(
-    kind: Annotated[str, typer.Argument(help="flux-fill | sd15 | sdxl | clip")],
+    kind: Annotated[str, typer.Argument(help="flux | flux-fill | sd15 | sdxl | clip")],
     out_dir: Path,
     seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
 ) -> None:
