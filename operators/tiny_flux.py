@@ -198,19 +198,18 @@ def build_tiny_flux(seed: int = 0, size: str = "small", **overrides: Any):
     return _build_tiny_flux(FluxPipeline, lambda ch: 4 * ch, seed, size, overrides)
 
 
-def save_tiny_flux_fill(out_dir: Path, seed: int = 0, **size: Any) -> Path:
-    """Write the tiny pipeline to ``out_dir`` (diffusers layout, safetensors). ``size``: see ``SIZES``."""
-    pipe = build_tiny_flux_fill(seed=seed, **size)
+def _save(pipe, out_dir: Path, kind: str, seed: int, size: dict[str, Any]) -> Path:
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
-    logger.info("wrote tiny flux-fill (seed=%s, %s) to %s", seed, size or "small", out)
+    logger.info("wrote tiny %s (seed=%s, %s) to %s", kind, seed, size or "small", out)
     return out
+
+
+def save_tiny_flux_fill(out_dir: Path, seed: int = 0, **size: Any) -> Path:
+    """Write the tiny pipeline to ``out_dir`` (diffusers layout, safetensors). ``size``: see ``SIZES``."""
+    return _save(build_tiny_flux_fill(seed=seed, **size), out_dir, "flux-fill", seed, size)
 
 
 def save_tiny_flux(out_dir: Path, seed: int = 0, **size: Any) -> Path:
     """Write the tiny text-to-image ``FluxPipeline`` to ``out_dir`` (diffusers layout, safetensors)."""
-    pipe = build_tiny_flux(seed=seed, **size)
-    out = Path(out_dir)
-    pipe.save_pretrained(out, safe_serialization=True)
-    logger.info("wrote tiny flux (seed=%s, %s) to %s", seed, size or "small", out)
-    return out
+    return _save(build_tiny_flux(seed=seed, **size), out_dir, "flux", seed, size)

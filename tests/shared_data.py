@@ -6,6 +6,7 @@ finds it beside the repository it was cloned from; ``STYLEGEN_SHARED`` overrides
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from functools import lru_cache
@@ -42,3 +43,19 @@ def samples_dir() -> Path:
 
 def fixtures_dir() -> Path:
     return shared_root() / "fixtures"
+
+
+@contextlib.contextmanager
+def fixture_protocol():
+    """The golden fixtures' protocol while the block runs: one thread, deterministic algorithms (other thread
+    counts change the float noise, which Adam's sign-like first step amplifies)."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)

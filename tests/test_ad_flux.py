@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.shared_data import fixtures_dir
+from tests.shared_data import fixture_protocol, fixtures_dir
 
 FIXTURES = fixtures_dir() / "ad-reference-flux"
 CASES = json.loads((FIXTURES / "cases.json").read_text())["cases"]
@@ -29,12 +29,8 @@ TRACE = ("init_latents", "style_latent", "null_embeds", "null_pooled_embeds", "p
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)  # the fixtures' protocol; other thread counts change the float noise
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+    with fixture_protocol():  # the fixtures' protocol
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.shared_data import fixtures_dir
+from tests.shared_data import fixture_protocol, fixtures_dir
 
 FIXTURES = fixtures_dir() / "ad-reference"
 
@@ -31,12 +31,8 @@ TRAJECTORIES = [name for name, case in CASES.items() if "driver" in case]
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)  # the fixtures' protocol; multithreaded reductions change the float noise
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+    with fixture_protocol():  # the fixtures' protocol
+        yield
 
 
 @pytest.fixture(scope="module")
