@@ -230,3 +230,28 @@ def self_attention_order(model: nn.Module, forward: Callable[[], object]) -> lis
         with torch.no_grad():
             forward()
         return list(tap.trace)
+
+
+def flux_joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                   image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V of a FLUX joint attention exactly as the installed diffusers' ``FluxAttnProcessor`` feeds them to
+    attention: ``(B, L, heads, head_dim)`` after QK-RMSNorm and RoPE, text tokens first in double-stream blocks.
+    Shared by the Sissi (DSSI) and the FLUX AD processors, which differ only in what they do with them."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if attn.added_kv_proj_dim is not None:
+        enc_q = attn.norm_added_q(enc_q.unflatten(-1, (-1, attn.head_dim)))
+        enc_k = attn.norm_added_k(enc_k.unflatten(-1, (-1, attn.head_dim)))
+        enc_v = enc_v.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([enc_q, query], dim=1)
+        key = torch.cat([enc_k, key], dim=1)
+        value = torch.cat([enc_v, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value

@@ -428,8 +428,9 @@ class DSSIState:
 def _processor_class() -> type:
     """Built on first use so that importing this module does not import diffusers."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
-    from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from operators.attention import flux_joint_qkv
 
     class SissiFluxAttnProcessor(FluxAttnProcessor):
         """Stock Flux attention (same projections, QK-norm, RoPE, output); DSSI while ``state.active``."""
@@ -440,20 +441,7 @@ def _processor_class() -> type:
             self.layer = layer
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-            query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-            query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-            key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-            value = value.unflatten(-1, (-1, attn.head_dim))
-            if attn.added_kv_proj_dim is not None:
-                enc_q = attn.norm_added_q(enc_q.unflatten(-1, (-1, attn.head_dim)))
-                enc_k = attn.norm_added_k(enc_k.unflatten(-1, (-1, attn.head_dim)))
-                enc_v = enc_v.unflatten(-1, (-1, attn.head_dim))
-                query = torch.cat([enc_q, query], dim=1)
-                key = torch.cat([enc_k, key], dim=1)
-                value = torch.cat([enc_v, value], dim=1)
-            if image_rotary_emb is not None:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query, key, value = flux_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
 
             st = self.state
             if st.active and attention_mask is None:
