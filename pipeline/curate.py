@@ -120,7 +120,7 @@ def list_inputs(cfg: FilterRunConfig) -> list[tuple[str, str]]:
 
 def input_dataset(jobs: list[tuple[str, str]]) -> Dataset:
     """One row per input sample (key, source id, tar URL, member offsets; no image bytes read), the tars indexed
-    by Ray tasks, a chunk of tars each; lazy, so the rows stream into the embed pass."""
+    by Ray tasks, a chunk of tars each (lazy: :func:`index_inputs` runs it once into the object store)."""
     import ray
 
     items = [{"url": url, "base": base} for url, base in jobs]

@@ -29,6 +29,7 @@ from pipeline.dedup import (
     TRAIN_PER_CLUSTER,
     cluster_count,
     clustered_near_duplicates,
+    exact_duplicates,
     near_duplicates,
     nearest_centroid,
     train_centroids,
@@ -131,18 +132,11 @@ def _finite(value: float | None) -> bool:
 def _exact_duplicates(candidates: list[str], emb: pa.Table, by_key: dict[str, int], scores: dict[str, float],
                       decisions: dict[str, Decision]) -> list[str]:
     """Reject all but the best-scored (ties by key) of each group of byte-identical images; return the rest."""
-    hashes = emb.column("sha1").to_pylist()
-    best: dict[str, str] = {}
-    unhashed = 0
-    for key in sorted(candidates, key=lambda k: (-scores.get(k, -math.inf), k)):
-        digest = hashes[by_key[key]]
-        if digest is None:
-            unhashed += 1
-        elif digest in best:
-            decisions[key] = ("rejected", _exact_reason(best[digest], digest), decisions[key][2])
-        else:
-            best[digest] = key
-    _warn_unhashed(unhashed)
+    column = emb.column("sha1").to_pylist()
+    hashes = {k: column[by_key[k]] for k in candidates}
+    _warn_unhashed(sum(h is None for h in hashes.values()))
+    for key, twin in exact_duplicates(candidates, [hashes[k] for k in candidates], scores).items():
+        decisions[key] = ("rejected", _exact_reason(twin, hashes[key]), decisions[key][2])
     return [k for k in candidates if decisions[k][0] == "kept"]
 
 
@@ -176,10 +170,10 @@ def _conform_emb(table: pa.Table) -> pa.Table:
 def _decide_whole(batch: pa.Table, url: str, files: tuple[str, ...], rules: dict[str, Any]) -> pa.Table:
     from pipeline.curate import CurateFilter
 
-    emb = _read_embeddings(url, files, batch.column("key"))
-    decisions = decide(batch.column("key").to_pylist(), emb, CurateFilter.model_validate(rules))
-    captions = dict(zip(emb.column("key").to_pylist(), emb.column("caption").to_pylist(), strict=True))
     keys = batch.column("key").to_pylist()
+    emb = _read_embeddings(url, files, batch.column("key"))
+    decisions = decide(keys, emb, CurateFilter.model_validate(rules))
+    captions = dict(zip(emb.column("key").to_pylist(), emb.column("caption").to_pylist(), strict=True))
     status, reason, clip = zip(*(decisions[k] for k in keys), strict=True) if keys else ((), (), ())
     return _decided(batch, list(status), list(reason), list(clip), [captions.get(k) for k in keys])
 
@@ -278,12 +272,10 @@ def _select(batch: pa.Table, which: str, buckets: int | None = None) -> pa.Table
     return batch
 
 
-def _ranked(table: pa.Table) -> list[int]:
-    """Row order best CLIP score first, ties by key (the order every pool-wide rule walks)."""
-    keys = table.column("key").to_pylist()
-    score = [c if s else -math.inf for c, s in zip(table.column("clip_content").to_pylist(),
-                                                   table.column("scored").to_pylist(), strict=True)]
-    return sorted(range(table.num_rows), key=lambda i: (-score[i], keys[i]))
+def _scores(table: pa.Table) -> dict[str, float]:
+    """key -> CLIP score of the rows in the scored pool (the ranking every pool-wide rule walks)."""
+    return {k: c for k, c, s in zip(table.column("key").to_pylist(), table.column("clip_content").to_pylist(),
+                                    table.column("scored").to_pylist(), strict=True) if s}
 
 
 def _with_rejections(table: pa.Table, rejected: dict[int, str]) -> pa.Table:
@@ -307,16 +299,10 @@ def _exact_stage(rows: Dataset, parts: int) -> Dataset:
 
 def _exact_bucket(group: pa.Table) -> pa.Table:
     """Within each image hash of the bucket, all but the first in rank order are exact duplicates of it."""
-    hashes = group.column("sha1").to_pylist()
-    keys = group.column("key").to_pylist()
-    best: dict[str, str] = {}
-    rejected = {}
-    for i in _ranked(group):
-        if hashes[i] in best:
-            rejected[i] = _exact_reason(best[hashes[i]], hashes[i])
-        else:
-            best[hashes[i]] = keys[i]
-    return _with_rejections(group, rejected)
+    keys, hashes = group.column("key").to_pylist(), group.column("sha1").to_pylist()
+    position = {k: i for i, k in enumerate(keys)}
+    dropped = exact_duplicates(keys, hashes, _scores(group))
+    return _with_rejections(group, {position[k]: _exact_reason(t, hashes[position[k]]) for k, t in dropped.items()})
 
 
 def _near_stage(rows: Dataset, parts: int, threshold: float) -> Dataset:
@@ -364,11 +350,9 @@ def _assign(batch: pa.Table, centroids) -> pa.Table:
 def _near_group(group: pa.Table, threshold: float) -> pa.Table:
     group = group.sort_by("key")  # the members in key order, as in :func:`clustered_near_duplicates`
     keys = group.column("key").to_pylist()
-    scores = {k: c for k, c, s in zip(keys, group.column("clip_content").to_pylist(),
-                                      group.column("scored").to_pylist(), strict=True) if s}
     emb = _matrix(group)
     position = {k: i for i, k in enumerate(keys)}
-    dropped = near_duplicates(keys, emb, scores, threshold)
+    dropped = near_duplicates(keys, emb, _scores(group), threshold)
     return _with_rejections(group, {position[k]: _near_reason(t, c) for k, (t, c) in dropped.items()})
 
 

@@ -63,6 +63,21 @@ def near_duplicates(keys: list[str], embeddings: np.ndarray, scores: Mapping[str
     return dropped
 
 
+def exact_duplicates(keys: list[str], hashes: list[str | None], scores: Mapping[str, float]) -> dict[str, str]:
+    """Byte-identical payloads (equal ``hashes``; None is never a duplicate): walking from the best score down
+    (ties by key), every sample whose hash an earlier one had is dropped, naming that one: ``{dropped: twin}``."""
+    best: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    for key, digest in sorted(zip(keys, hashes, strict=True), key=lambda kh: (-_score(scores, kh[0]), kh[0])):
+        if digest is None:
+            continue
+        if digest in best:
+            dropped[key] = best[digest]
+        else:
+            best[digest] = key
+    return dropped
+
+
 def cluster_count(n: int) -> int:
     return max(1, min(MAX_CLUSTERS, math.ceil(n / CLUSTER_SIZE)))
 
