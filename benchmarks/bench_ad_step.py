@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import attention_distillation as ad  # noqa: E402
+from operators import ad  # noqa: E402
 
 log = logging.getLogger("bench_ad_step")
 

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 _REGISTRY: dict[str, str] = {
     "color-transfer": "operators.color_transfer:ColorTransfer",
     "sissi": "operators.sissi:SissiOperator",
-    "ad-t2i": "operators.attention_distillation:ADText2Image",
-    "ad-transfer": "operators.attention_distillation:ADTransfer",
-    "ad-texture": "operators.attention_distillation:ADTexture",
+    "ad-t2i": "operators.ad:ADText2Image",
+    "ad-transfer": "operators.ad:ADTransfer",
+    "ad-texture": "operators.ad:ADTexture",
 }
 
 

@@ -35,7 +35,7 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def ad_flux():
-    from operators import ad_flux
+    from operators.ad import flux as ad_flux
 
     return ad_flux
 

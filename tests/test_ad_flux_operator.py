@@ -1,4 +1,4 @@
-"""``tiny:flux`` and the ``ad-t2i`` operator on FLUX (``operators.ad_flux`` through ``ADText2Image``)."""
+"""``tiny:flux`` and the ``ad-t2i`` operator on FLUX (``operators.ad.flux`` through ``ADText2Image``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def tiny_flux_dir(tmp_path_factory):
 
 
 def test_tiny_flux_loads_and_samples(tiny_flux_dir):
-    from operators.ad_flux import flux_ad_sample, load_flux_pipeline
+    from operators.ad.flux import flux_ad_sample, load_flux_pipeline
 
     assert (tiny_flux_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     pipe = load_flux_pipeline(str(tiny_flux_dir))
@@ -47,8 +47,8 @@ def flux_op(tiny_flux_dir):
 
 
 def test_flux_operator_defaults_and_bit_identity(flux_op, tiny_flux_dir):
-    from operators.ad_flux import flux_ad_sample
-    from operators.attention_distillation import pil_to_tensor, tensor_to_pil
+    from operators.ad import pil_to_tensor, tensor_to_pil
+    from operators.ad.flux import flux_ad_sample
 
     s = flux_op.settings
     assert flux_op.flux and s["layers"] == (0, 3)  # tiny: 1 double + 2 single blocks, last min(7, 3) calls

@@ -93,8 +93,8 @@ def test_t2i_multi_style_and_num_images():
 
 
 def test_multi_style_keys_are_concatenated_not_averaged():
+    from operators.ad import ad_loss, ad_loss_fast, concat_style_kv
     from operators.attention import LayerFeatures
-    from operators.attention_distillation import ad_loss, ad_loss_fast, concat_style_kv
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(3))
@@ -123,7 +123,7 @@ def test_texture_methods(method, params, size):
 
 
 def test_tiling_makes_the_unet_wrap_around_and_is_undone():
-    from operators.attention_distillation import circular_padding, load_ad_model
+    from operators.ad import circular_padding, load_ad_model
 
     model = load_ad_model("tiny:sd15")
     convs = [m for m in model.unet.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -142,7 +142,7 @@ def test_tiling_makes_the_unet_wrap_around_and_is_undone():
 
 
 def test_sdxl_smoke_layers_and_checkpointing():
-    from operators.attention_distillation import ADConfig, load_ad_model, optimize
+    from operators.ad import ADConfig, load_ad_model, optimize
 
     op = _op("ad-t2i", {"steps": 2, "iters": 1}, model="tiny:sdxl")
     out = op([{"key": "x", "prompt": "a cat", "style": _picture(5), "content": None, "seed": 0}])[0]
@@ -161,7 +161,7 @@ def test_sdxl_smoke_layers_and_checkpointing():
 
 @pytest.mark.parametrize("precision, fast", [("fp32", True), ("bf16", True)])
 def test_fast_mode_final_loss_close_to_reference(precision, fast):
-    from operators.attention_distillation import ADConfig, load_ad_model, optimize, pil_to_tensor
+    from operators.ad import ADConfig, load_ad_model, optimize, pil_to_tensor
 
     case = json.loads((FIXTURES / "cases.json").read_text())["cases"]["optimize_texture"]
 
@@ -182,7 +182,7 @@ def test_fast_mode_final_loss_close_to_reference(precision, fast):
 def test_fast_mode_keeps_the_exact_content_tie_at_the_first_iteration(num_images):
     """At the first iteration of optimisation-based transfer the latent is the content latent: q == q_c, so the
     content loss (and its L1 subgradient) is exactly 0 in the fast mode too, as in the reference."""
-    from operators.attention_distillation import ADConfig, load_ad_model, optimize, pil_to_tensor
+    from operators.ad import ADConfig, load_ad_model, optimize, pil_to_tensor
 
     model = load_ad_model(str(FIXTURES / "model"))
     style = model.encode_images(pil_to_tensor(_picture(3)))
@@ -203,12 +203,14 @@ def test_fast_mode_keeps_the_exact_content_tie_at_the_first_iteration(num_images
 
 def test_panorama_fast_mode_draws_the_noise_of_the_reference(monkeypatch):
     """Fresh style noise per window batch and step in both modes (the reference's draws, in its order)."""
-    from operators import attention_distillation as ad
+    from operators import ad
 
     model = ad.load_ad_model("tiny:sd15")
     style = model.encode_images(pil_to_tensor_for(model))
     draws = {}
-    real = ad._draw_step_noise
+    from operators.ad import textures
+
+    real = textures._draw_step_noise
     for fast in (False, True):
         calls = []
 
@@ -217,7 +219,7 @@ def test_panorama_fast_mode_draws_the_noise_of_the_reference(monkeypatch):
             _calls.append(noise.style.clone())
             return noise
 
-        monkeypatch.setattr(ad, "_draw_step_noise", counted)
+        monkeypatch.setattr(textures, "_draw_step_noise", counted)
         cfg = ad.ADConfig(layers=model.default_layers(), steps=2, iters=1, fast=fast)
         window = int(model.unet.config.sample_size)
         ad.panorama(model, style, num_images=1, height=window, width=2 * window, stride=window // 2,
@@ -229,14 +231,14 @@ def test_panorama_fast_mode_draws_the_noise_of_the_reference(monkeypatch):
 
 
 def pil_to_tensor_for(model) -> torch.Tensor:
-    from operators.attention_distillation import pil_to_tensor
+    from operators.ad import pil_to_tensor
 
     size = model.native_size
     return pil_to_tensor(_picture(6, (size, size)))
 
 
 def test_start_time_delays_ad_to_the_later_steps():
-    from operators.attention_distillation import ADConfig, load_ad_model, pil_to_tensor, sample
+    from operators.ad import ADConfig, load_ad_model, pil_to_tensor, sample
 
     model = load_ad_model(str(FIXTURES / "model"))
     style = model.encode_images(pil_to_tensor(_picture(3)))
@@ -260,7 +262,7 @@ def test_start_time_delays_ad_to_the_later_steps():
 
 def test_init_from_style_starts_from_the_noised_style_latent(monkeypatch):
     """The authors' SDXL option: after the initial draw, x_T = add_noise(style, randn, 999) (next draw)."""
-    from operators import attention_distillation as ad
+    from operators import ad
 
     model = ad.load_ad_model(str(FIXTURES / "model"))
     style = model.encode_images(ad.pil_to_tensor(_picture(3)))
@@ -271,7 +273,9 @@ def test_init_from_style_starts_from_the_noised_style_latent(monkeypatch):
             started.append(latents.clone())
             super().__init__(latents, *args, **kwargs)
 
-    monkeypatch.setattr(ad, "ADRun", Recording)
+    from operators.ad import sd
+
+    monkeypatch.setattr(sd, "ADRun", Recording)
     cfg = ad.ADConfig(layers=(0, model.tap.num_self_layers), steps=2, iters=1)
     ad.sample(model, style, None, prompt="", negative_prompt="", num_images=2, height=8, width=8,
               guidance_scale=1.0, adain_on=False, cfg=cfg, generator=torch.Generator().manual_seed(5),

@@ -37,9 +37,9 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def ad():
-    from operators import attention_distillation
+    from operators import ad
 
-    return attention_distillation
+    return ad
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Attention Distillation (AD) text-to-image sampling on FLUX, following the authors' ``flux_ad`` code.
 
-Why a separate module: the SD/SDXL implementation (``attention_distillation``) taps UNet self-attention; FLUX has
+Why a separate module: the SD/SDXL implementation (``operators.ad.sd``) taps UNet self-attention; FLUX has
 joint text+image attention in double- and single-stream blocks, a flow-matching Euler scheduler and packed
 latents, so the loop and the tap differ. The algorithm and its quirks (AdaIN at every AD step, AD passes with
 the null prompt at guidance 1.0, the null prompt always at 512 T5 tokens, the style latent being a posterior
@@ -14,10 +14,14 @@ authors' order: initial noise, the style's VAE posterior sample, then one style 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from operators.attention import flux_joint_qkv
+from operators.models import TINY_PREFIX, looks_local, resolve_model
 
 
 def load_flux_pipeline(model_dir: str, dtype: torch.dtype = torch.float32):
@@ -80,8 +84,6 @@ class FluxTapProcessor:
         self.tap = tap
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from operators.attention import flux_joint_qkv
-
         query, key, value = flux_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
@@ -295,3 +297,36 @@ def _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr,
         trace["layer_losses"].append(torch.stack(step_layer_losses))
         tap.start()
     return latents.detach()
+
+
+def flux_kind(spec: str | None, *, offline: bool = False) -> bool | None:
+    """Whether ``spec`` is a text-to-image FLUX pipeline (model_index.json ``_class_name`` FluxPipeline).
+
+    ``offline``: decide without building or downloading anything (config time): ``tiny:<kind>`` and local
+    directories are answered, a hub id gives None (unknown)."""
+    if spec is None:
+        return None
+    if spec.startswith(TINY_PREFIX):
+        return spec[len(TINY_PREFIX):].partition("@")[0] == "flux"
+    if offline:
+        import json
+        import os
+
+        index = os.path.join(os.path.expanduser(spec), "model_index.json")
+        if not (looks_local(spec) and os.path.isfile(index)):
+            return None
+        with open(index) as f:
+            return json.load(f).get("_class_name") == "FluxPipeline"
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(resolve_model(spec)).get("_class_name") == "FluxPipeline"
+
+
+_FLUX_CACHE: dict[str, Any] = {}
+
+
+def load_flux_model(spec: str):
+    """Load (once per process) a FLUX pipeline through :func:`load_flux_pipeline` (CPU, fp32)."""
+    if spec not in _FLUX_CACHE:
+        _FLUX_CACHE[spec] = load_flux_pipeline(resolve_model(spec))
+    return _FLUX_CACHE[spec]
