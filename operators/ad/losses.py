@@ -20,18 +20,22 @@ def ad_loss(
     vs_list: Sequence[torch.Tensor],
     out_list: Sequence[torch.Tensor],
     scale: float = 1.0,
+    attn_masks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """AD loss as the authors compute it: per layer mean L1(out, Attn(q, Ks, Vs).detach()), summed over layers.
 
     ``q``/``out``: ``(B, h, N, d)`` of the optimised latent; ``ks``/``vs``: ``(S, h, Ns, d)``, the S style images
-    concatenated on the key axis so every query attends jointly over all style tokens.
+    concatenated on the key axis so every query attends jointly over all style tokens. ``attn_masks``: per layer
+    None or a boolean ``(N, S*Ns)`` mask of the style keys each query may attend (mask-controlled synthesis,
+    :mod:`operators.ad.masks`).
     """
     loss: torch.Tensor | float = 0.0
-    for q, ks, vs, out in zip(q_list, ks_list, vs_list, out_list, strict=True):
+    masks = attn_masks if attn_masks is not None else [None] * len(q_list)
+    for q, ks, vs, out, mask in zip(q_list, ks_list, vs_list, out_list, masks, strict=True):
         styles, batch = ks.shape[0], q.shape[0]
         k_style = torch.cat(ks.chunk(styles, dim=0), dim=2).repeat(batch, 1, 1, 1)
         v_style = torch.cat(vs.chunk(styles, dim=0), dim=2).repeat(batch, 1, 1, 1)
-        target = F.scaled_dot_product_attention(q * scale, k_style, v_style)
+        target = F.scaled_dot_product_attention(q * scale, k_style, v_style, attn_mask=mask)
         loss = loss + F.l1_loss(out, target.detach())
     return loss  # type: ignore[return-value]
 
@@ -52,17 +56,22 @@ def concat_style_kv(ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def ad_loss_fast(
-    feats: Sequence[LayerFeatures], style_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: float = 1.0
+    feats: Sequence[LayerFeatures],
+    style_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scale: float = 1.0,
+    attn_masks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Same value as :func:`ad_loss` with pre-joined style K/V: no copies, no graph for the target, fp32 L1."""
     loss: torch.Tensor | float = 0.0
-    for feat, (k_style, v_style) in zip(feats, style_kv, strict=True):
+    masks = attn_masks if attn_masks is not None else [None] * len(feats)
+    for feat, (k_style, v_style), mask in zip(feats, style_kv, masks, strict=True):
         batch = feat.q.shape[0]
         with torch.no_grad():
             target = F.scaled_dot_product_attention(
                 feat.q * scale,
                 k_style.expand(batch, -1, -1, -1).to(feat.q.dtype),
                 v_style.expand(batch, -1, -1, -1).to(feat.q.dtype),
+                attn_mask=mask,
             )
         loss = loss + (feat.out.float() - target.float()).abs().mean()
     return loss  # type: ignore[return-value]

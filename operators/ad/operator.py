@@ -15,6 +15,7 @@ from PIL import Image
 
 from operators.ad.flux import flux_ad_sample, flux_kind, load_flux_model
 from operators.ad.images import pil_to_tensor, tensor_to_pil
+from operators.ad.masks import LabelMasks, read_labels
 from operators.ad.model import is_sdxl, load_ad_model
 from operators.ad.params import APPLIES, COMMON, DEFAULTS, FLUX_DEFAULTS, FLUX_LAST_CALLS, FLUX_PARAMS, XL_T2I
 from operators.ad.sd import ADConfig, ADRun, optimize, sample
@@ -52,6 +53,9 @@ class _ADOperator:
                 raise ValueError(f"{cls.name}: unknown param {param!r}; known: {', '.join(sorted(known))}")
             if param in APPLIES and (cls.kind, method) not in APPLIES[param]:
                 raise ValueError(f"{cls.name}: param {param!r} does not apply to method {method!r}")
+        if ("source_mask" in params) != ("target_mask" in params):
+            raise ValueError(f"{cls.name}: params 'source_mask' and 'target_mask' go together (label images of "
+                             "the style and of the output)")
         fast = params.get("fast")
         if "feature_chunk" in params and (fast is False or (fast is None and params.get("precision") == "fp32")):
             raise ValueError(f"{cls.name}: param 'feature_chunk' applies to the fast mode only (fast: true, or a "
@@ -305,7 +309,8 @@ class ADTransfer(_ADOperator):
 
 
 class ADTexture(_ADOperator):
-    """``ad-texture``: style image(s) only; optimisation, sampling, or MultiDiffusion panorama; optional tiling."""
+    """``ad-texture``: style image(s) only; optimisation, sampling, or MultiDiffusion panorama; optional tiling;
+    ``source_mask``/``target_mask`` label images for mask-controlled optimisation (:mod:`operators.ad.masks`)."""
 
     name, kind, methods = "ad-texture", "texture", ("optimize", "sample", "panorama")
 
@@ -317,13 +322,17 @@ class ADTexture(_ADOperator):
         if self.settings["method"] == "panorama":
             window = int(self.model.unet.config.sample_size)
             self.settings.setdefault("stride", max(window // 8, 1))
+        self.label_masks = None
+        if "source_mask" in self.settings:
+            self.label_masks = LabelMasks(read_labels(self.settings["target_mask"]),
+                                          read_labels(self.settings["source_mask"]))
 
     def _run(self, item: dict[str, Any], style: torch.Tensor, generator: torch.Generator) -> ADRun:
         s = self.settings
         height, width = self._latent_size()
         if s["method"] == "optimize":
             return optimize(self.model, style, None, num_images=s["num_images"], height=height, width=width,
-                            cfg=self.config(), generator=generator)
+                            cfg=self.config(), generator=generator, label_masks=self.label_masks)
         if s["method"] == "sample":
             return sample(self.model, style, None, prompt="", negative_prompt="", num_images=s["num_images"],
                           height=height, width=width, guidance_scale=float(s["guidance_scale"]),

@@ -23,6 +23,8 @@ APPLIES: dict[str, set[tuple[str, str]]] = {
     "start_time": {("t2i", "sample"), ("transfer", "sample"), ("texture", "sample")},
     "init_from_style": {("t2i", "sample")},
     "view_batch_size": {("texture", "panorama")},
+    "source_mask": {("texture", "optimize")},
+    "target_mask": {("texture", "optimize")},
 }
 
 # (operator kind, method) -> defaults (research/ad.md §3-§5).

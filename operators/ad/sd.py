@@ -15,14 +15,16 @@ then per AD step AdaIN noise, style noise, content noise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from operators.ad.losses import ad_loss, ad_loss_fast, adain, concat_style_kv, content_loss
+from operators.ad.masks import LabelMasks
 from operators.ad.model import ADModel, Cond
+from operators.attention import LayerFeatures
 
 
 @dataclass
@@ -135,16 +137,18 @@ def _descend(
     cfg: ADConfig,
     optimizer: torch.optim.Optimizer,
     run: ADRun,
+    masks: Callable[[Sequence[LayerFeatures], _Targets], list[torch.Tensor]] | None = None,
 ) -> None:
-    """``cfg.iters`` Adam steps on ``x`` against one step's targets."""
+    """``cfg.iters`` Adam steps on ``x`` against one step's targets (``masks``: per-layer attention masks)."""
     for _ in range(cfg.iters):
         optimizer.zero_grad()
         feats = model.features(x, t, cond, cfg.layer_ids, stop_early=cfg.fast)
+        attn_masks = masks(feats, targets) if masks is not None else None
         if cfg.fast:
-            style = ad_loss_fast(feats, targets.kv, cfg.attn_scale)
+            style = ad_loss_fast(feats, targets.kv, cfg.attn_scale, attn_masks)
         else:
             style = ad_loss([f.q for f in feats], [k for k, _ in targets.kv], [v for _, v in targets.kv],
-                            [f.out for f in feats], scale=cfg.attn_scale)
+                            [f.out for f in feats], scale=cfg.attn_scale, attn_masks=attn_masks)
         loss = style
         if targets.qc is not None:
             q_list, qc_list = [f.q for f in feats], targets.qc
@@ -178,11 +182,13 @@ def optimize(
     width: int,
     cfg: ADConfig,
     generator: torch.Generator,
+    label_masks: LabelMasks | None = None,
 ) -> ADRun:
     """Optimisation-based transfer/texture: Adam on clean latents over a decreasing timestep schedule.
 
     ``style``: ``(S,4,h,w)`` latents; ``content``: ``(1,4,h,w)`` or None; ``height``/``width`` in latent pixels.
     One randn for the initial latent is always drawn, even when the content latent replaces it.
+    ``label_masks``: mask-controlled synthesis (:mod:`operators.ad.masks`).
     """
     channels = model.unet.config.in_channels
     latents = _randn(generator, (num_images, channels, height, width), model.device)
@@ -197,8 +203,16 @@ def optimize(
     optimizer = torch.optim.Adam([latents], lr=cfg.lr)
     cond = null.batch(num_images)
     run = ADRun(latents)
+    masks = None
+    if label_masks is not None:
+        styles, style_hw = style.shape[0], tuple(style.shape[-2:])
+
+        def masks(feats: Sequence[LayerFeatures], step: _Targets) -> list[torch.Tensor]:
+            per_style = 1 if not cfg.fast else styles  # fast mode's K/V are joined over the styles
+            return [label_masks.layer_mask((height, width), style_hw, f.q.shape[2], k.shape[2] // per_style,
+                                           styles, f.q.device) for f, (k, _) in zip(feats, step.kv, strict=True)]
     for i, t in enumerate(timesteps):
-        _descend(model, latents, t, cond, targets[i], cfg, optimizer, run)
+        _descend(model, latents, t, cond, targets[i], cfg, optimizer, run, masks)
     run.latents = latents.detach()
     return _finish(run)
 
