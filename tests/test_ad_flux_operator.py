@@ -53,6 +53,7 @@ def test_flux_operator_defaults_and_bit_identity(flux_op, tiny_flux_dir):
     s = flux_op.settings
     assert flux_op.flux and s["layers"] == (0, 3)  # tiny: 1 double + 2 single blocks, last min(7, 3) calls
     assert (s["lr"], s["guidance_scale"], s["start_time"], s["adain"]) == (0.01, 3.5, 9999, True)
+    assert (s["precision"], s["fast"], s["gradient_checkpointing"]) == ("fp32", False, False)  # CPU: reference
     style = _style(3)
     [res] = flux_op([{"key": "k0", "prompt": "a red house", "style": style, "content": None, "seed": 11}])
     assert set(res) == {"key", "image", "meta"} and res["key"] == "k0" and res["image"].size == (32, 32)
@@ -81,11 +82,11 @@ def test_flux_adain_off_num_images_and_several_styles(flux_op, tiny_flux_dir):
     assert not np.array_equal(np.asarray(styled["image"]), np.asarray(base["image"]))
 
 
-@pytest.mark.parametrize("param", ["negative_prompt", "attn_scale", "feature_chunk", "fast", "init_from_style"])
+@pytest.mark.parametrize("param", ["negative_prompt", "attn_scale", "feature_chunk", "init_from_style"])
 def test_flux_refuses_sd_only_params(tiny_flux_dir, param):
     from operators import build_operator, check_params
 
-    value = {"negative_prompt": "x", "attn_scale": 1.0, "feature_chunk": 4, "fast": True, "init_from_style": True}
+    value = {"negative_prompt": "x", "attn_scale": 1.0, "feature_chunk": 4, "init_from_style": True}
     params = {**SMALL, param: value[param]}
     with pytest.raises(ValueError, match=param):
         check_params("ad-t2i", params, model="tiny:flux")  # config time, model known offline
@@ -102,8 +103,100 @@ def test_flux_params_on_sd_and_unknown_models():
     with pytest.raises(ValueError, match="max_sequence_length"):
         check_params("ad-t2i", {"max_sequence_length": 64}, model="tiny:sd15")
     with pytest.raises(ValueError, match="precision"):
-        check_params("ad-t2i", {"precision": "bf16"}, model="tiny:flux")
+        check_params("ad-t2i", {"precision": "fp64"}, model="tiny:flux")
+    with pytest.raises(ValueError, match="style_size"):  # FLUX only
+        check_params("ad-t2i", {"style_size": 64}, model="tiny:sd15")
     from operators import build_operator
 
     with pytest.raises(ValueError, match="size"):  # 2x2-packed latents: multiples of 16 px
         build_operator({"name": "ad-t2i", "model": "tiny:flux", "params": {"size": 24}})
+
+
+# --- the golden cases through the operator, and the fast mode ------------------------------------------------------
+
+def _golden_case(name: str):
+    import json
+
+    from tests.shared_data import fixtures_dir
+
+    root = fixtures_dir() / "ad-reference-flux"
+    return root, json.loads((root / "cases.json").read_text())["cases"][name]
+
+
+@pytest.mark.parametrize("name", ["t2i_basic", "t2i_params"])
+def test_golden_cases_through_the_operator(name):
+    """Every FLUX fixture case through the config's path: ``build_operator`` loads the fixture's ``model/`` by the
+    normal loading code, the style is read at ``style_size``, and the decoded image is the golden one."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from operators import build_operator
+    from operators.ad import tensor_to_pil
+    from tests.shared_data import fixture_protocol
+
+    root, case = _golden_case(name)
+    params = {"steps": case["num_inference_steps"], "lr": case["lr"], "iters": case["iters"],
+              "layers": case["layers"], "size": [case["width"], case["height"]],
+              "style_size": case["style_size_wh"], "guidance_scale": case["guidance_scale"],
+              "start_time": case["start_time"], "max_sequence_length": case["max_sequence_length"],
+              "gradient_checkpointing": case["enable_gradient_checkpoint"]}
+    with fixture_protocol():
+        op = build_operator({"name": "ad-t2i", "model": str(root / "model"), "params": params})
+        [res] = op([{"key": "g", "prompt": case["prompt"], "style": Image.open(root / case["style_image"]),
+                     "content": None, "seed": case["seed"]}])
+    golden = np.asarray(tensor_to_pil(load_file(str(root / case["file"]))["image"])[0], dtype=np.int16)
+    assert res["image"].size == (case["width"], case["height"])
+    assert np.abs(np.asarray(res["image"], dtype=np.int16) - golden).max() <= 1  # within 1.5/255; in practice 0
+
+
+def _sample(pipe, style, **kwargs):
+    from operators.ad.flux import flux_ad_sample
+
+    return flux_ad_sample(pipe, style, "A panda", height=128, width=128, steps=4, lr=0.01, iters=2, layers=(2, 4),
+                          guidance_scale=3.5, generator=torch.Generator().manual_seed(42), **kwargs)
+
+
+def test_fast_mode_fp32_differs_from_the_reference_only_by_rounding():
+    """Same draws, same method: one style gives the reference's result to rounding, two styles (one batched
+    feature pass instead of one per style) too."""
+    from PIL import Image
+
+    from operators.ad import pil_to_tensor
+    from operators.ad.flux import load_flux_pipeline
+    from tests.shared_data import fixture_protocol
+
+    root, case = _golden_case("t2i_basic")
+    style = pil_to_tensor(Image.open(root / case["style_image"]))
+    with fixture_protocol():
+        pipe = load_flux_pipeline(str(root / "model"))
+        for styles in (style, torch.cat([style, style.flip(3)])):
+            ref_latents, ref_image, ref_trace = _sample(pipe, styles)
+            latents, image, trace = _sample(pipe, styles, fast=True)
+            torch.testing.assert_close(trace["losses"], ref_trace["losses"], rtol=1e-4, atol=1e-7)
+            assert (image - ref_image).abs().max() <= 1.5 / 255
+            torch.testing.assert_close(latents, ref_latents, rtol=0, atol=1e-2)
+
+
+def test_bf16_fast_mode_with_checkpointing():
+    """The fast mode's own precision: bf16 transformer and text encoders, fp32 VAE, latents and losses; gradient
+    checkpointing on by default and undone afterwards; the result stays near the fp32 reference."""
+    from PIL import Image
+
+    from operators import build_operator
+
+    root, case = _golden_case("t2i_basic")
+    item = {"key": "b", "prompt": case["prompt"], "style": Image.open(root / case["style_image"]), "content": None,
+            "seed": case["seed"]}
+    params = {"steps": 4, "iters": 2, "layers": [2, 4], "size": 128}
+    ref = build_operator({"name": "ad-t2i", "model": str(root / "model"), "params": params})
+    fast = build_operator({"name": "ad-t2i", "model": str(root / "model"), "params": {**params,
+                                                                                       "precision": "bf16"}})
+    assert fast.settings["fast"] and fast.settings["gradient_checkpointing"]
+    assert fast.pipe.transformer.dtype == torch.bfloat16 and fast.pipe.text_encoder_2.dtype == torch.bfloat16
+    assert fast.pipe.vae.dtype == torch.float32
+    [a], [b] = ref([item]), fast([item])
+    assert not fast.pipe.transformer.gradient_checkpointing
+    assert np.isfinite(b["meta"]["final_ad_loss"])
+    assert b["meta"]["final_ad_loss"] == pytest.approx(a["meta"]["final_ad_loss"], rel=0.15)
+    diff = np.abs(np.asarray(a["image"], dtype=np.int16) - np.asarray(b["image"], dtype=np.int16))
+    assert diff.mean() < 16  # bf16 noise, not a different image

@@ -20,27 +20,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from operators.ad.model import DTYPES
 from operators.attention import flux_joint_qkv
 from operators.models import TINY_PREFIX, looks_local, resolve_model
 
 
-def load_flux_pipeline(model_dir: str, dtype: torch.dtype = torch.float32):
-    """``FluxPipeline`` with an eager-attention T5.
+def load_flux_pipeline(model_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """``FluxPipeline`` with an eager-attention T5, the transformer and text encoders in ``dtype`` on ``device``.
 
     Why eager: under transformers >= 5 T5's SDPA path gives embeddings about 5e-6 away from the eager ones the
-    reference used (fixture README).
+    reference used (fixture README). The VAE stays fp32 in every dtype: decoded pixels are the product, and its
+    posterior sample is one of the reference's random draws.
     """
-    from diffusers import FluxPipeline
+    from diffusers import AutoencoderKL, FluxPipeline
     from transformers import T5EncoderModel
 
     t5 = T5EncoderModel.from_pretrained(
-        f"{model_dir}/text_encoder_2", torch_dtype=dtype, use_safetensors=True, attn_implementation="eager"
+        f"{model_dir}/text_encoder_2", dtype=dtype, use_safetensors=True, attn_implementation="eager"
     )
-    pipe = FluxPipeline.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True, text_encoder_2=t5)
+    vae = AutoencoderKL.from_pretrained(f"{model_dir}/vae", dtype=torch.float32, use_safetensors=True)
+    pipe = FluxPipeline.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, text_encoder_2=t5, vae=vae)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
-    return pipe
+    return pipe.to(device)
 
 
 @dataclass
@@ -122,6 +125,24 @@ def adain(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torc
     return (source - s_mean) / (s_std + eps) * t_std + t_mean
 
 
+def ad_loss_fast(tap: FluxTap, ref_k, ref_v):
+    """:func:`ad_loss` without an autograd graph for the target and reduced in fp32 whatever the model dtype."""
+    terms = []
+    for q, o, rk, rv in zip(tap.q, tap.out, ref_k, ref_v, strict=True):
+        with torch.no_grad():
+            ref = F.scaled_dot_product_attention(q, rk.expand(q.shape[0], -1, -1, -1),
+                                                 rv.expand(q.shape[0], -1, -1, -1))
+        terms.append((o.float() - ref.float()).abs().mean())
+    return sum(terms), terms
+
+
+def _join_styles(x: torch.Tensor) -> torch.Tensor:
+    """``(S, h, L, d)`` per-style K or V of one batched pass -> ``(1, h, S*L, d)``, style-major as the reference's
+    concatenation of per-style passes."""
+    styles, heads, tokens, dim = x.shape
+    return x.transpose(0, 1).reshape(1, heads, styles * tokens, dim)
+
+
 def ad_loss(tap: FluxTap, ref_k, ref_v):
     """Sum over layers (python ``sum``, from 0) of L1-mean(O, SDPA(Q, K_style, V_style).detach()).
 
@@ -157,6 +178,7 @@ def flux_ad_sample(
     prompt_2: str | None = None,
     gradient_checkpointing: bool = False,
     adain_on: bool = True,
+    fast: bool = False,
 ):
     """AD-guided FLUX sampling. Returns ``(packed_latents, image, trace)``.
 
@@ -168,11 +190,17 @@ def flux_ad_sample(
     call. ``gradient_checkpointing`` (the notebook's ``enable_gradient_checkpoint``) trades compute
     for memory in the AD backward passes and changes no bits. ``trace`` holds the step-by-step tensors, named as in
     the fixture files.
+
+    Device and precision follow the pipeline (:func:`load_flux_pipeline`); the optimised latents, the scheduler and
+    the AD losses stay fp32, every draw is made on the generator's device (the CPU) and moved. ``fast``: the
+    styles' feature pass is one batched forward, the target attention is computed without autograd and the
+    losses are reduced in fp32 (for a bf16 model); the random draws are the reference's, so in fp32 a fast run
+    differs from the reference only by floating-point reassociation.
     """
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
     transformer, vae, scheduler = pipe.transformer, pipe.vae, pipe.scheduler
-    device, dtype = torch.device("cpu"), torch.float32
+    device, dtype = transformer.device, torch.float32
     trace: dict[str, list | torch.Tensor] = {k: [] for k in ("euler_out", "style_noised", "ad_step_index",
                                                              "ad_init", "ad_out", "layer_losses", "losses")}
     batch = 1
@@ -188,9 +216,9 @@ def flux_ad_sample(
     trace["init_latents"] = latents.clone()
     # draw 2: the style's posterior sample (the reference uses sample_mode="sample")
     with torch.no_grad():
-        posterior = vae.encode(style_image.to(device, dtype) * 2.0 - 1.0).latent_dist
+        posterior = vae.encode(style_image.to(device, vae.dtype) * 2.0 - 1.0).latent_dist
         style_latent = posterior.sample(generator)
-    style_latent = (style_latent - vae.config.shift_factor) * vae.config.scaling_factor
+    style_latent = (style_latent.to(dtype) - vae.config.shift_factor) * vae.config.scaling_factor
     trace["style_latent"] = style_latent.clone()
     styles, _, style_h, style_w = style_latent.shape
     style_latent = pipe._pack_latents(style_latent, styles, channels, style_h, style_w)
@@ -213,7 +241,7 @@ def flux_ad_sample(
     try:
         latents = _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr, iters, guidance_scale,
                            generator, (prompt_embeds, pooled, text_ids, image_ids),
-                           (null_embeds, null_pooled, null_text_ids, style_ids), trace, adain_on)
+                           (null_embeds, null_pooled, null_text_ids, style_ids), trace, adain_on, fast)
     finally:
         transformer.set_attn_processor(saved_processors)
         if gradient_checkpointing and not saved_checkpointing:
@@ -224,14 +252,15 @@ def flux_ad_sample(
     with torch.no_grad():
         unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         unpacked = unpacked / vae.config.scaling_factor + vae.config.shift_factor
-        image = (vae.decode(unpacked, return_dict=False)[0] * 0.5 + 0.5).clamp(0, 1)
+        image = (vae.decode(unpacked.to(vae.dtype), return_dict=False)[0].float() * 0.5 + 0.5).clamp(0, 1)
     return latents, image, trace
 
 
 def _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr, iters, guidance_scale, generator,
-             cond, null, trace, adain_on=True):
+             cond, null, trace, adain_on=True, fast=False):
     """The reference's loop: Euler step, then (if t < start_time) style pass, AdaIN and a fresh Adam."""
     transformer, scheduler = pipe.transformer, pipe.scheduler
+    model_dtype = transformer.dtype
     device, dtype, batch = latents.device, latents.dtype, latents.shape[0]
     prompt_embeds, pooled, text_ids, image_ids = cond
     null_embeds, null_pooled, null_text_ids, style_ids = null
@@ -240,9 +269,9 @@ def _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr,
 
     def forward(hidden, t, guid, pooled_, embeds, txt_ids, img_ids):
         tap.start()
-        return transformer(hidden_states=hidden, timestep=t, guidance=guid, pooled_projections=pooled_,
-                           encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
-                           joint_attention_kwargs=None, return_dict=False)[0]
+        return transformer(hidden_states=hidden.to(model_dtype), timestep=t, guidance=guid,
+                           pooled_projections=pooled_, encoder_hidden_states=embeds, txt_ids=txt_ids,
+                           img_ids=img_ids, joint_attention_kwargs=None, return_dict=False)[0].to(dtype)
 
     first = True
     for i, t in enumerate(timesteps):
@@ -256,23 +285,14 @@ def _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr,
         if i < steps - 1:
             t_next = timesteps[i + 1:i + 2]
             # draw 3: one style noise per AD step except the last
-            noise = torch.randn(style_latent.shape, generator=generator, dtype=style_latent.dtype, device=device)
+            noise = torch.randn(style_latent.shape, generator=generator, dtype=style_latent.dtype,
+                                device=generator.device).to(device)
             style_ = scheduler.scale_noise(style_latent, t_next, noise)
             trace["style_noised"].append(style_.clone())
         else:
             t_next = torch.tensor([0], device=device)
             style_ = style_latent
-        ks, vs = [], []
-        with torch.no_grad():
-            for one in style_.split(1):  # one null-prompt pass per style image
-                forward(one, t_next / 1000, null_guidance, null_pooled, null_embeds, null_text_ids, style_ids)
-                ks.append(tap.k)
-                vs.append(tap.v)
-        if len(ks) == 1:
-            ref_k, ref_v = ks[0], vs[0]
-        else:  # several styles: K/V joined on the token axis, per layer
-            ref_k = [torch.cat(layer, dim=2) for layer in zip(*ks, strict=True)]
-            ref_v = [torch.cat(layer, dim=2) for layer in zip(*vs, strict=True)]
+        ref_k, ref_v = _style_kv(forward, style_, t_next, null_guidance, null, tap, fast)
         if adain_on:
             latents = adain(latents, style_)
         latents = latents.detach().requires_grad_()
@@ -283,7 +303,7 @@ def _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr,
         for _ in range(iters):
             optimizer.zero_grad()
             forward(latents, t_next / 1000, null_guidance, null_pooled, null_embeds, null_text_ids, image_ids)
-            loss, terms = ad_loss(tap, ref_k, ref_v)
+            loss, terms = (ad_loss_fast if fast else ad_loss)(tap, ref_k, ref_v)
             loss.backward()
             if first:
                 trace.update(x0=latents.detach().clone(), loss0=loss.detach().reshape(1).clone(),
@@ -297,6 +317,27 @@ def _denoise(pipe, tap, latents, style_latent, timesteps, start_time, steps, lr,
         trace["layer_losses"].append(torch.stack(step_layer_losses))
         tap.start()
     return latents.detach()
+
+
+def _style_kv(forward, style_, t_next, null_guidance, null, tap, fast):
+    """The AD layers' K/V of the null-prompt pass over the style latents, joined over the styles on the token
+    axis: one pass per style as the reference (so that one style is bit-identical), or one batched pass."""
+    null_embeds, null_pooled, null_text_ids, style_ids = null
+    styles = style_.shape[0]
+    with torch.no_grad():
+        if fast:
+            forward(style_, t_next / 1000, null_guidance.expand(styles), null_pooled.expand(styles, -1),
+                    null_embeds.expand(styles, -1, -1), null_text_ids, style_ids)
+            return [_join_styles(k) for k in tap.k], [_join_styles(v) for v in tap.v]
+        ks, vs = [], []
+        for one in style_.split(1):
+            forward(one, t_next / 1000, null_guidance, null_pooled, null_embeds, null_text_ids, style_ids)
+            ks.append(tap.k)
+            vs.append(tap.v)
+    if styles == 1:
+        return ks[0], vs[0]
+    return ([torch.cat(layer, dim=2) for layer in zip(*ks, strict=True)],
+            [torch.cat(layer, dim=2) for layer in zip(*vs, strict=True)])
 
 
 def flux_kind(spec: str | None, *, offline: bool = False) -> bool | None:
@@ -322,11 +363,12 @@ def flux_kind(spec: str | None, *, offline: bool = False) -> bool | None:
     return DiffusionPipeline.load_config(resolve_model(spec)).get("_class_name") == "FluxPipeline"
 
 
-_FLUX_CACHE: dict[str, Any] = {}
+_FLUX_CACHE: dict[tuple[str, str, str], Any] = {}
 
 
-def load_flux_model(spec: str):
-    """Load (once per process) a FLUX pipeline through :func:`load_flux_pipeline` (CPU, fp32)."""
-    if spec not in _FLUX_CACHE:
-        _FLUX_CACHE[spec] = load_flux_pipeline(resolve_model(spec))
-    return _FLUX_CACHE[spec]
+def load_flux_model(spec: str, precision: str = "fp32", device: str = "cpu"):
+    """Load (once per process, device and precision) a FLUX pipeline through :func:`load_flux_pipeline`."""
+    key = (spec, precision, device)
+    if key not in _FLUX_CACHE:
+        _FLUX_CACHE[key] = load_flux_pipeline(resolve_model(spec), DTYPES[precision], device)
+    return _FLUX_CACHE[key]

@@ -6,7 +6,6 @@ an item into one result: the image(s) and the run's settings and losses as metad
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -16,12 +15,10 @@ from PIL import Image
 from operators.ad.flux import flux_ad_sample, flux_kind, load_flux_model
 from operators.ad.images import pil_to_tensor, tensor_to_pil
 from operators.ad.masks import LabelMasks, read_labels
-from operators.ad.model import is_sdxl, load_ad_model
+from operators.ad.model import DTYPES, is_sdxl, load_ad_model
 from operators.ad.params import APPLIES, COMMON, DEFAULTS, FLUX_DEFAULTS, FLUX_LAST_CALLS, FLUX_PARAMS, XL_T2I
 from operators.ad.sd import ADConfig, ADRun, optimize, sample
 from operators.ad.textures import circular_padding, panorama
-
-log = logging.getLogger(__name__)
 
 
 class _ADOperator:
@@ -189,9 +186,8 @@ class ADText2Image(_ADOperator):
                                  f"{', '.join(sorted(FLUX_PARAMS))}")
         if params.get("method", "sample") != "sample":
             raise ValueError(f"{cls.name}: method must be 'sample' on FLUX, got {params['method']!r}")
-        if params.get("precision", "fp32") != "fp32":
-            raise ValueError(f"{cls.name}: precision must be 'fp32' on FLUX (no fast/bf16 mode yet), got "
-                             f"{params['precision']!r}")
+        if params.get("precision", "fp32") not in DTYPES:
+            raise ValueError(f"{cls.name}: precision must be one of {sorted(DTYPES)}, got {params['precision']!r}")
 
     def __init__(self, model: str, params: dict[str, Any] | None = None, device: str = "cpu") -> None:
         params = dict(params or {})
@@ -202,13 +198,14 @@ class ADText2Image(_ADOperator):
             super().__init__(model, params, device)
             return
         self._check_flux(params)
-        if not str(device).startswith("cpu"):
-            log.warning("%s: FLUX AD runs on the CPU in fp32 for now (device %s not used)", self.name, device)
         self.model_spec = model
-        self.pipe = load_flux_model(model)
+        precision = params.get("precision") or ("bf16" if str(device).startswith("cuda") else "fp32")
+        fast = bool(params.get("fast", precision != "fp32"))
+        self.pipe = load_flux_model(model, precision, str(device))
         settings = dict(FLUX_DEFAULTS)
         settings.update({k: v for k, v in params.items() if v is not None})
-        settings["method"] = "sample"
+        settings.update(method="sample", precision=precision, fast=fast,
+                        gradient_checkpointing=bool(params.get("gradient_checkpointing", fast)))
         calls = len(self.pipe.transformer.transformer_blocks) + len(self.pipe.transformer.single_transformer_blocks)
         layers = params.get("layers")
         if layers is None:
@@ -219,17 +216,9 @@ class ADText2Image(_ADOperator):
                 raise ValueError(f"{self.name}: layers must be a range [start, end) within [0, {calls}] "
                                  f"(joint-attention calls, double- then single-stream), got {layers}")
             settings["layers"] = (start, end)
-        multiple = 2 * self.pipe.vae_scale_factor  # 2x2 latent packing
-        size = params.get("size")
-        if size is None:
-            width = height = int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
-        elif isinstance(size, int):
-            width = height = size
-        else:
-            width, height = (int(v) for v in size)
-        if width % multiple or height % multiple or width <= 0 or height <= 0:
-            raise ValueError(f"{self.name}: size {width}x{height} must be positive multiples of {multiple}")
-        settings["size"] = (width, height)
+        native = int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
+        settings["size"] = self._flux_size("size", params.get("size"), (native, native))
+        settings["style_size"] = self._flux_size("style_size", params.get("style_size"), settings["size"])
         settings["num_images"] = int(settings["num_images"])
         if settings["num_images"] < 1:
             raise ValueError(f"{self.name}: num_images must be >= 1")
@@ -238,6 +227,16 @@ class ADText2Image(_ADOperator):
             if settings[name] < 1:
                 raise ValueError(f"{self.name}: {name} must be >= 1")
         self.settings = settings
+
+    def _flux_size(self, name: str, size: Any, default: tuple[int, int]) -> tuple[int, int]:
+        """An int or ``[width, height]`` in pixels, positive multiples of 16 (VAE /8, then 2x2 packing)."""
+        multiple = 2 * self.pipe.vae_scale_factor
+        if size is None:
+            return default
+        width, height = (size, size) if isinstance(size, int) else (int(v) for v in size)
+        if width % multiple or height % multiple or width <= 0 or height <= 0:
+            raise ValueError(f"{self.name}: {name} {width}x{height} must be positive multiples of {multiple}")
+        return (width, height)
 
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self.flux:
@@ -255,7 +254,7 @@ class ADText2Image(_ADOperator):
         seed = int(item.get("seed") or 0)
         started = time.perf_counter()
         width, height = s["size"]
-        style = torch.cat([pil_to_tensor(im, (width, height)) for im in styles])
+        style = torch.cat([pil_to_tensor(im, s["style_size"]) for im in styles])
         generator = torch.Generator(device="cpu").manual_seed(seed)
         images, losses = [], []
         for _ in range(s["num_images"]):
@@ -264,7 +263,7 @@ class ADText2Image(_ADOperator):
                 lr=float(s["lr"]), iters=s["iters"], layers=s["layers"], guidance_scale=float(s["guidance_scale"]),
                 start_time=float(s["start_time"]), max_sequence_length=s["max_sequence_length"],
                 generator=generator, gradient_checkpointing=bool(s["gradient_checkpointing"]),
-                adain_on=bool(s["adain"]))
+                adain_on=bool(s["adain"]), fast=bool(s["fast"]))
             images.extend(tensor_to_pil(image))
             if trace["losses"] is not None:
                 losses.append(float(trace["losses"][-1, -1]))

@@ -43,9 +43,9 @@ XL_T2I = {"iters": 2, "guidance_scale": 7.0}  # ad.ipynb cell 13
 
 
 # FLUX (``ad-t2i`` only): the params ``flux_ad_sample`` reads, and the authors' notebook defaults.
-FLUX_PARAMS = {"method", "steps", "lr", "iters", "layers", "size", "guidance_scale", "start_time",
-                "max_sequence_length", "adain", "num_images", "precision", "gradient_checkpointing"}
+# ``precision`` defaults to bf16 on CUDA (the fast mode, with gradient checkpointing), fp32 elsewhere (reference).
+FLUX_PARAMS = {"method", "steps", "lr", "iters", "layers", "size", "style_size", "guidance_scale", "start_time",
+               "max_sequence_length", "adain", "num_images", "precision", "fast", "gradient_checkpointing"}
 FLUX_DEFAULTS: dict[str, Any] = {"steps": 28, "lr": 0.01, "iters": 2, "guidance_scale": 3.5, "start_time": 9999,
-                                  "max_sequence_length": 512, "adain": True, "num_images": 1, "precision": "fp32",
-                                  "gradient_checkpointing": False}
+                                 "max_sequence_length": 512, "adain": True, "num_images": 1}
 FLUX_LAST_CALLS = 7  # default layers: the last 7 joint-attention calls, (50, 57) on FLUX.1-dev
