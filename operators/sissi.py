@@ -30,7 +30,9 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Fill-dev"
-MODES = ("off", "vanilla", "printed", "fixed", "dynamic", "lse_ratio")
+MODES = ("off", "vanilla", "printed", "fixed", "dynamic", "lse_ratio", "dynamic_norm")
+TEXT_TOKENS = ("all", "prompt")
+CACHES = ("off", "first_block")
 COMPOSES = ("mass_preserving", "replace", "self_inclusive")
 PROMPT_TEMPLATES = {
     "plain": "{prompt}",
@@ -159,8 +161,23 @@ def _positions(n_tokens: int, text_len: int, style_index: torch.Tensor, output_i
     )
 
 
-def _lambda_for(mode: str, lam: float, a_t, a_s, lse_t, lse_s) -> torch.Tensor:
-    """Lambda per (B,H,No,1) or broadcastable; see research/sissi.md §4.3 for each reading."""
+def _lambda_for(mode: str, lam: float, a_t, a_s, lse_t, lse_s, n_t=None, n_s=None) -> torch.Tensor:
+    """Lambda per (B,H,No,1) or broadcastable; see research/sissi.md §4.3 for each reading.
+
+    ``dynamic_norm`` (the default) is the count-free reading of the paper's gamma. Per target query i the branch
+    mass per key is ``rho_b,i = alpha_b,i / N_b``; the joint normaliser cancels in ``rho_s,i / rho_t,i``, leaving
+    ``d_i = (LSE_s,i - log N_s) - (LSE_t,i - log N_t)``, the gap between the two branches' log-mean-exp scores,
+    i.e. Proposition 1's difference of mean activations ``mu_s - mu_t``. Pooled by mean over the target queries
+    (one scalar per batch and head, as the printed sum over "all elements" suggests), ``gamma = exp(mean_i d_i)``
+    (the geometric mean of ``rho_s / rho_t``) and ``lambda = gamma / (1 + gamma) = sigmoid(mean_i d_i)``.
+    Why this and not the alternatives: a difference of logs is the only comparison of the two branch levels that
+    is invariant to adding a constant to a query's scores (softmax is), so no clamp or sign guard is needed,
+    unlike a ratio of logs (``dynamic``, ``lse_ratio``); subtracting ``log N_b`` makes it exactly invariant to
+    duplicating the text, style or target tokens, which pooling the joint masses by sum (``dynamic``) or even by
+    arithmetic mean is not (each query's joint normaliser moves differently); and lambda is 0.5 when both
+    branches are equally active per key and moves monotonically with one branch's activations. It equals
+    ``vanilla``'s per-query split ``sigmoid(LSE_s - LSE_t)`` with the token-count prior ``log(N_s / N_t)`` removed.
+    """
     if mode == "vanilla":  # the joint-softmax split: reproduces plain attention under mass_preserving
         return a_s / (a_t + a_s).clamp_min(torch.finfo(a_s.dtype).tiny)
     if mode == "printed":  # as printed: log(sum A_s)/log(sum A_t) of row-normalised A is 1, so lambda = 1/2
@@ -175,14 +192,54 @@ def _lambda_for(mode: str, lam: float, a_t, a_s, lse_t, lse_s) -> torch.Tensor:
     if mode == "lse_ratio":  # per target query log-partition ratio (gamma clamped at 0 so lambda is in [0,1])
         gamma = lse_s.clamp_min(0) / (lse_t.abs() + _EPS)
         return dssi_lambda(gamma).clamp(0, 1)
+    if mode == "dynamic_norm":  # per-key branch mass log ratio, mean over target queries (docstring above)
+        log_n = [torch.as_tensor(n, dtype=lse_t.dtype, device=lse_t.device).clamp_min(1).log() for n in (n_t, n_s)]
+        gap = (lse_s - log_n[1]) - (lse_t - log_n[0])  # +inf when there is no text key: lambda 1
+        return torch.sigmoid(gap.mean(dim=-2, keepdim=True))
     raise ValueError(f"unknown DSSI mode {mode!r}; known: {', '.join(MODES[1:])}")
 
 
-def _dssi_rows(q, k, v, pos: _Positions, mode: str, lam: float, compose: str, stats: list | None):
+def _prompt_lens(prompt_len, batch: int, text_len: int) -> list[int] | None:
+    """Per-item text key counts for the DSSI rows' text branch, or None for all ``text_len`` keys."""
+    if prompt_len is None:
+        return None
+    lens = [prompt_len] * batch if isinstance(prompt_len, int) else [int(n) for n in prompt_len]
+    if len(lens) != batch:
+        raise ValueError(f"prompt_len has {len(lens)} entries for a batch of {batch}")
+    lens = [min(max(n, 0), text_len) for n in lens]
+    return None if all(n == text_len for n in lens) else lens
+
+
+def _text_branch(q_o, k, v, text_len: int, lens: list[int] | None, scale: float):
+    """Text-branch attention and LSE of the target queries; with ``lens``, item b sees only its first lens[b] keys."""
+    if lens is None:
+        return attention_with_lse(q_o, k[:, :, :text_len], v[:, :, :text_len], scale)
+    groups: dict[int, list[int]] = {}
+    for b, n in enumerate(lens):
+        groups.setdefault(n, []).append(b)
+    if len(groups) == 1:
+        n = lens[0]
+        return attention_with_lse(q_o, k[:, :, :n], v[:, :, :n], scale)
+    out = lse = None
+    for n, items in groups.items():
+        idx = torch.tensor(items, device=q_o.device)
+        o_g, l_g = attention_with_lse(q_o[idx], k[idx, :, :n], v[idx, :, :n], scale)
+        if out is None:
+            out = o_g.new_empty(q_o.shape[:-1] + v.shape[-1:])
+            lse = l_g.new_empty(q_o.shape[:-1])
+        out.index_copy_(0, idx, o_g.to(out.dtype))
+        lse.index_copy_(0, idx, l_g.to(lse.dtype))
+    return out, lse
+
+
+def _dssi_rows(
+    q, k, v, pos: _Positions, mode: str, lam: float, compose: str, stats: list | None, prompt_len=None
+):
     """DSSI output for the target queries, ``(B,H,No,D)`` in the compute dtype (>= fp32)."""
     scale = q.shape[-1] ** -0.5
     q_o = q.index_select(2, pos.out_pos)
-    s, lse_t = attention_with_lse(q_o, k[:, :, : pos.text_len], v[:, :, : pos.text_len], scale)
+    lens = _prompt_lens(prompt_len, q.shape[0], pos.text_len)
+    s, lse_t = _text_branch(q_o, k, v, pos.text_len, lens, scale)
     t, lse_s = attention_with_lse(q_o, k.index_select(2, pos.style_pos), v.index_select(2, pos.style_pos), scale)
     o, lse_o = attention_with_lse(q_o, k.index_select(2, pos.self_pos), v.index_select(2, pos.self_pos), scale)
     ctype = lse_t.dtype
@@ -190,7 +247,8 @@ def _dssi_rows(q, k, v, pos: _Positions, mode: str, lam: float, compose: str, st
     s, t, o = (x.to(ctype) for x in (s, t, o))
     lse_all = torch.logsumexp(torch.cat([lse_t, lse_s, lse_o], dim=-1), dim=-1, keepdim=True)
     a_t, a_s, a_o = (torch.exp(x - lse_all) for x in (lse_t, lse_s, lse_o))  # joint-softmax branch masses
-    lam_t = _lambda_for(mode, lam, a_t, a_s, lse_t, lse_s)
+    n_t = pos.text_len if lens is None else torch.tensor(lens, dtype=ctype, device=q.device).view(-1, 1, 1, 1)
+    lam_t = _lambda_for(mode, lam, a_t, a_s, lse_t, lse_s, n_t, pos.style_pos.numel())
     if compose == "mass_preserving":
         rows = torch.lerp(s, t, lam_t).mul_(a_t + a_s).addcmul_(a_o, o)
     elif compose == "replace":
@@ -201,21 +259,31 @@ def _dssi_rows(q, k, v, pos: _Positions, mode: str, lam: float, compose: str, st
         rows = torch.lerp(s2, t2, lam_t)
     else:
         raise ValueError(f"unknown DSSI compose {compose!r}; known: {', '.join(COMPOSES)}")
-    if stats is not None:
-        lam_full = lam_t.expand_as(a_t)
-        stats.append(torch.stack([x.mean(dim=(1, 2, 3)) for x in (a_t, a_s, a_o, lam_full)], dim=1).cpu())
+    if stats is not None:  # per item: mean branch masses, then lambda mean, min and max over heads and queries
+        lam_full = lam_t.expand_as(a_t).flatten(1)
+        cols = [x.mean(dim=(1, 2, 3)) for x in (a_t, a_s, a_o)]
+        cols += [lam_full.mean(dim=1), lam_full.amin(dim=1), lam_full.amax(dim=1)]
+        stats.append(torch.stack(cols, dim=1).cpu())
     return rows
 
 
-def _dssi_attention_at(q, k, v, pos: _Positions, mode, lam, compose, stats=None) -> torch.Tensor:
-    """Plain SDPA for the non-target queries, DSSI for the target ones, written into one output."""
+def _dssi_attention_at(
+    q, k, v, pos: _Positions, mode, lam, compose, stats=None, prompt_len=None, rest_attention=None
+) -> torch.Tensor:
+    """Plain attention for the non-target queries, DSSI for the target ones, written into one output.
+
+    ``rest_attention(q, k, v)`` (``(B,H,N,D)`` in and out) replaces SDPA for the non-target rows, so that a chosen
+    attention backend also serves them.
+    """
     out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     if pos.rest_pos.numel():
-        rest = F.scaled_dot_product_attention(q.index_select(2, pos.rest_pos), k, v)
+        rest_fn = rest_attention or F.scaled_dot_product_attention
+        rest = rest_fn(q.index_select(2, pos.rest_pos), k, v)
         out.index_copy_(2, pos.rest_pos, rest.to(q.dtype))
         del rest
     if pos.out_pos.numel():
-        out.index_copy_(2, pos.out_pos, _dssi_rows(q, k, v, pos, mode, lam, compose, stats).to(q.dtype))
+        rows = _dssi_rows(q, k, v, pos, mode, lam, compose, stats, prompt_len)
+        out.index_copy_(2, pos.out_pos, rows.to(q.dtype))
     return out
 
 
@@ -230,6 +298,7 @@ def dssi_attention(
     mode: str = "dynamic",
     lam: float = 0.5,
     compose: str = "mass_preserving",
+    prompt_len: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Joint attention with DSSI on the target queries (DESIGN §6).
 
@@ -237,7 +306,9 @@ def dssi_attention(
     ``output_index`` are positions within the image tokens. Queries outside ``output_index`` get plain softmax
     attention. For target queries the text branch (keys ``[0, text_len)``), the style branch (``style_index``)
     and the self branch (all other image tokens) are attended separately and recombined per ``mode`` and
-    ``compose``; ``vanilla`` + ``mass_preserving`` is exactly plain attention.
+    ``compose``; ``vanilla`` + ``mass_preserving`` is exactly plain attention. ``prompt_len`` (an int or one per
+    batch item) limits the target queries' text branch to the first ``prompt_len`` text keys (padding left out);
+    the other queries keep all keys.
     """
     if mode not in MODES or mode == "off":
         raise ValueError(f"unknown DSSI mode {mode!r}; known: {', '.join(MODES[1:])}")
@@ -246,7 +317,7 @@ def dssi_attention(
     if query.dim() != 4 or key.shape[:2] != query.shape[:2] or key.shape[2] != value.shape[2]:
         raise ValueError("query/key/value must be (batch, heads, tokens, head_dim) with matching keys and values")
     pos = _positions(key.shape[2], int(text_len), style_index, output_index, query.device)
-    return _dssi_attention_at(query, key, value, pos, mode, lam, compose)
+    return _dssi_attention_at(query, key, value, pos, mode, lam, compose, prompt_len=prompt_len)
 
 
 # --------------------------------------------------------------------------------------------------
