@@ -16,6 +16,7 @@ attention (the other queries run plain SDPA against all keys).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -329,12 +330,13 @@ def dssi_attention(
 class DSSIConfig:
     """Where and how DSSI applies (research/sissi.md §4, §9)."""
 
-    mode: str = "dynamic"
+    mode: str = "dynamic_norm"  # count-invariant reading; unverified on real weights (README)
     compose: str = "mass_preserving"
     lam: float = 0.5
     layers: str | list[int] = "all"  # all | double | single | global indices (double-stream blocks first)
     steps: tuple[float, float] = (0.0, 1.0)  # step i is gated in when start <= i/steps < end
     record: bool = False  # put branch masses and lambda per item into meta (costs a sync per layer)
+    text_tokens: str = "all"  # all | prompt: leave T5 padding out of the DSSI rows' text branch
 
 
 @dataclass
@@ -348,6 +350,9 @@ class SissiParams:
     offload: bool = False  # enable_model_cpu_offload (accelerators only)
     vae_tiling: bool = False
     compile: bool = False  # regional torch.compile of the repeated transformer blocks
+    cache: str = "off"  # off | first_block: diffusers' First Block Cache on the transformer (approximate)
+    cache_threshold: float = 0.05  # FirstBlockCacheConfig.threshold
+    attention_backend: str | None = None  # a diffusers attention backend for the stock rows and layers
     dssi: DSSIConfig = field(default_factory=DSSIConfig)
 
 
@@ -411,6 +416,15 @@ def _parse_panel(value: Any) -> tuple[int, int]:
     return width, height
 
 
+def _check_backend(name: str) -> None:
+    """A diffusers ``AttentionBackendName`` value (imported only when a backend is asked for)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = sorted(b.value for b in AttentionBackendName)
+    if name not in known:
+        raise ValueError(f"attention_backend must be one of {', '.join(known)}, got {name!r}")
+
+
 def parse_params(params: dict[str, Any] | None) -> SissiParams:
     """Validate operator params; nested ``{"dssi": {...}}`` and dotted ``"dssi.mode"`` keys are equivalent."""
     flat = _flatten(dict(params or {}))
@@ -426,12 +440,16 @@ def parse_params(params: dict[str, Any] | None) -> SissiParams:
         "offload": lambda v: setattr(out, "offload", _as_bool(v, "offload")),
         "vae_tiling": lambda v: setattr(out, "vae_tiling", _as_bool(v, "vae_tiling")),
         "compile": lambda v: setattr(out, "compile", _as_bool(v, "compile")),
+        "cache": lambda v: setattr(out, "cache", "off" if v in (None, False) else str(v).lower()),
+        "cache_threshold": lambda v: setattr(out, "cache_threshold", float(v)),
+        "attention_backend": lambda v: setattr(out, "attention_backend", None if v is None else str(v).lower()),
         "dssi.mode": lambda v: setattr(d, "mode", str(v).lower()),
         "dssi.compose": lambda v: setattr(d, "compose", str(v).lower()),
         "dssi.lam": lambda v: setattr(d, "lam", float(v)),
         "dssi.layers": lambda v: setattr(d, "layers", _parse_layers(v)),
         "dssi.steps": lambda v: setattr(d, "steps", _parse_steps(v)),
         "dssi.record": lambda v: setattr(d, "record", _as_bool(v, "dssi.record")),
+        "dssi.text_tokens": lambda v: setattr(d, "text_tokens", str(v).lower()),
     }
     unknown = sorted(set(flat) - set(setters))
     if unknown:
@@ -445,6 +463,14 @@ def parse_params(params: dict[str, Any] | None) -> SissiParams:
         raise ValueError(f"dssi.mode must be one of {', '.join(MODES)}, got {d.mode!r}")
     if d.compose not in COMPOSES:
         raise ValueError(f"dssi.compose must be one of {', '.join(COMPOSES)}, got {d.compose!r}")
+    if d.text_tokens not in TEXT_TOKENS:
+        raise ValueError(f"dssi.text_tokens must be one of {', '.join(TEXT_TOKENS)}, got {d.text_tokens!r}")
+    if out.cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {out.cache!r}")
+    if not out.cache_threshold > 0:
+        raise ValueError(f"cache_threshold must be > 0, got {out.cache_threshold}")
+    if out.attention_backend is not None:
+        _check_backend(out.attention_backend)
     if not 0.0 <= d.lam <= 1.0:
         raise ValueError(f"dssi.lam must be in [0, 1], got {d.lam}")
     if out.steps < 1 or out.max_sequence_length < 1:
@@ -480,6 +506,8 @@ class DSSIState:
         self.active = True
         self.step = 0
         self.stats: list[tuple[int, int, torch.Tensor]] | None = [] if config.record else None
+        self.prompt_len: list[int] | None = None  # per batch item, set before each call under text_tokens: prompt
+        self.n_double = 0  # global layers below this are double-stream (for the per-group records)
         self._cache: dict[tuple[str, int], _Positions] = {}
 
     def positions(self, device: torch.device, n_tokens: int) -> _Positions:
@@ -528,6 +556,8 @@ def _processor_class() -> type:
                     cfg.lam,
                     cfg.compose,
                     stats,
+                    prompt_len=st.prompt_len if cfg.text_tokens == "prompt" else None,
+                    rest_attention=None if self._attention_backend is None else self._rest_attention,
                 ).transpose(1, 2)
                 if stats:
                     st.stats.append((self.layer, st.step, stats[0]))
@@ -548,6 +578,17 @@ def _processor_class() -> type:
             )
             img = attn.to_out[1](attn.to_out[0](img.contiguous()))
             return img, attn.to_add_out(enc.contiguous())
+
+        def _rest_attention(self, q, k, v):
+            """The stock rows of a DSSI layer through the chosen backend (``(B,H,N,D)`` in and out)."""
+            out = dispatch_attention_fn(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+            return out.transpose(1, 2)
 
     return SissiFluxAttnProcessor
 
@@ -580,6 +621,7 @@ def install_dssi(transformer, config: DSSIConfig, style_index, output_index, n_i
         return None
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     state = DSSIState(config, style_index, output_index, n_img)
+    state.n_double = len(transformer.transformer_blocks)
     for index in select_layers(
         config.layers, len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
     ):
@@ -590,6 +632,18 @@ def install_dssi(transformer, config: DSSIConfig, style_index, output_index, n_i
 # --------------------------------------------------------------------------------------------------
 # The operator
 # --------------------------------------------------------------------------------------------------
+
+
+def _set_backend(transformer, name: str) -> None:
+    """Give every attention processor of ``transformer`` the backend, without changing diffusers' process-wide
+    active backend (``set_attention_backend`` also sets that, which would reach every other model in the worker)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry._active_backend
+    try:
+        transformer.set_attention_backend(name)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
 
 
 def _to_rgb(image) -> Any:
@@ -653,6 +707,12 @@ class SissiOperator:
             if self.params.offload:
                 logger.warning("offload needs an accelerator; running on %s without it", self.device)
             pipe.to(self.device)
+        if self.params.attention_backend is not None:  # after install_dssi: it sets every processor's backend
+            _set_backend(tr, self.params.attention_backend)
+        if self.params.cache == "first_block":
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            tr.enable_cache(FirstBlockCacheConfig(threshold=self.params.cache_threshold))
         if self.params.compile:
             tr.compile_repeated_blocks(fullgraph=False)
         self.pipe = pipe
@@ -675,8 +735,11 @@ class SissiOperator:
         from PIL import Image, ImageOps
 
         if isinstance(style, list | tuple):
-            if not style:
-                raise ValueError("empty style list")
+            if len(style) != 1:
+                raise ValueError(
+                    f"{len(style)} style images given; sissi takes exactly one style image per sample"
+                    " (a multi-panel layout is not implemented)"
+                )
             style = style[0]
         width, height = self.params.panel_size
         panel = ImageOps.fit(_to_rgb(style), (width, height), method=Image.Resampling.LANCZOS)
@@ -707,7 +770,29 @@ class SissiOperator:
             self.state.set_step(0, self.params.steps)
             if self.state.stats is not None:
                 self.state.stats.clear()
-        result = self.pipe(
+            self.state.prompt_len = self.prompt_lengths(prompts) if self.state.config.text_tokens == "prompt" else None
+        tr = self.pipe.transformer
+        caching = self.params.cache != "off"
+        if caching:  # each call starts cold: no residual carried over from the previous batch
+            tr._reset_stateful_cache()
+        with tr.cache_context("cond") if caching else contextlib.nullcontext():
+            result = self._pipe_call(prompts, canvases, seeds)
+        return np.asarray(result.images, dtype=np.float32)[:, :, width:, :]
+
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """T5 tokens of each prompt, end token included, as FluxPipeline tokenizes it (padding excluded)."""
+        tokens = self.pipe.tokenizer_2(
+            prompts,
+            padding="max_length",
+            max_length=self.params.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return [int(n) for n in tokens.attention_mask.sum(dim=1)]
+
+    def _pipe_call(self, prompts: list[str], canvases: list, seeds: list[int]):
+        width, height = self.params.panel_size
+        return self.pipe(
             prompt=prompts,
             image=canvases,
             mask_image=self._mask(),
@@ -721,7 +806,6 @@ class SissiOperator:
             callback_on_step_end=self._on_step_end,
             callback_on_step_end_tensor_inputs=[],
         )
-        return np.asarray(result.images, dtype=np.float32)[:, :, width:, :]
 
     def _stats_per_item(self, n_items: int) -> list[dict[str, Any]] | None:
         if self.state is None or self.state.stats is None:
@@ -747,8 +831,27 @@ class SissiOperator:
                     "alpha_self": mean[2],
                     "lambda": mean[3],
                     "lambda_per_layer": per_layer,
+                    "lambda_per_step": self._lambda_per_step(records, b),
                 }
             )
+        return out
+
+    def _lambda_per_step(self, records, b: int) -> dict[str, dict[str, dict[str, float]]]:
+        """``{group: {step: {mean, min, max}}}`` of item b's lambda, groups ``double`` and ``single`` layers."""
+        groups: dict[str, dict[int, list[torch.Tensor]]] = {}
+        for layer, step, row in records:
+            group = "double" if layer < self.state.n_double else "single"
+            groups.setdefault(group, {}).setdefault(step, []).append(row[b])
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for group, steps in groups.items():
+            out[group] = {}
+            for step, rows in sorted(steps.items()):
+                stack = torch.stack(rows)  # (layers, 6): masses, lambda mean/min/max per layer
+                out[group][str(step)] = {
+                    "mean": round(float(stack[:, 3].mean()), 6),
+                    "min": round(float(stack[:, 4].min()), 6),
+                    "max": round(float(stack[:, 5].max()), 6),
+                }
         return out
 
     def _meta(self, item: dict[str, Any], prompt: str) -> dict[str, Any]:
@@ -771,6 +874,9 @@ class SissiOperator:
             "offload": p.offload,
             "vae_tiling": p.vae_tiling,
             "compile": p.compile,
+            "cache": p.cache,
+            **({"cache_threshold": p.cache_threshold} if p.cache != "off" else {}),
+            "attention_backend": p.attention_backend,
             "dssi": {
                 **asdict(p.dssi),
                 "steps": list(p.dssi.steps),
@@ -788,6 +894,8 @@ class SissiOperator:
             meta = self._meta(item, prompt)
             if stats is not None:
                 meta["dssi_stats"] = stats[b]
+            if self.state is not None and self.state.prompt_len is not None:
+                meta["dssi"]["text_keys"] = self.state.prompt_len[b]
             results.append({"key": item["key"], "image": _to_pil(array), "meta": meta})
         return results
 

@@ -222,7 +222,7 @@ def test_params_nested_and_dotted_are_equivalent():
     )
     assert nested == dotted
     assert nested.dssi.layers == [0, -1] and nested.dssi.steps == (0.0, 0.5)
-    assert parse_params({}).dssi.mode == "dynamic"
+    assert parse_params({}).dssi.mode == "dynamic_norm"  # the default (README: why)
 
 
 @pytest.mark.parametrize(
