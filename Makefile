@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stylegen-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench device-check clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: install lint
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# bf16 Sissi/AD checks on a CUDA GPU (exit 2 without one); never part of `make test`
+device-check: install
+	PYTHONPATH=. $(PY) benchmarks/device_check.py
 
 clean:
 	rm -rf out .pytest_cache

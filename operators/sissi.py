@@ -16,6 +16,7 @@ attention (the other queries run plain SDPA against all keys).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -30,7 +31,9 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Fill-dev"
-MODES = ("off", "vanilla", "printed", "fixed", "dynamic", "lse_ratio")
+MODES = ("off", "vanilla", "printed", "fixed", "dynamic", "lse_ratio", "dynamic_norm")
+TEXT_TOKENS = ("all", "prompt")
+CACHES = ("off", "first_block")
 COMPOSES = ("mass_preserving", "replace", "self_inclusive")
 PROMPT_TEMPLATES = {
     "plain": "{prompt}",
@@ -159,8 +162,23 @@ def _positions(n_tokens: int, text_len: int, style_index: torch.Tensor, output_i
     )
 
 
-def _lambda_for(mode: str, lam: float, a_t, a_s, lse_t, lse_s) -> torch.Tensor:
-    """Lambda per (B,H,No,1) or broadcastable; see research/sissi.md §4.3 for each reading."""
+def _lambda_for(mode: str, lam: float, a_t, a_s, lse_t, lse_s, n_t=None, n_s=None) -> torch.Tensor:
+    """Lambda per (B,H,No,1) or broadcastable; see research/sissi.md §4.3 for each reading.
+
+    ``dynamic_norm`` (the default) is the count-free reading of the paper's gamma. Per target query i the branch
+    mass per key is ``rho_b,i = alpha_b,i / N_b``; the joint normaliser cancels in ``rho_s,i / rho_t,i``, leaving
+    ``d_i = (LSE_s,i - log N_s) - (LSE_t,i - log N_t)``, the gap between the two branches' log-mean-exp scores,
+    i.e. Proposition 1's difference of mean activations ``mu_s - mu_t``. Pooled by mean over the target queries
+    (one scalar per batch and head, as the printed sum over "all elements" suggests), ``gamma = exp(mean_i d_i)``
+    (the geometric mean of ``rho_s / rho_t``) and ``lambda = gamma / (1 + gamma) = sigmoid(mean_i d_i)``.
+    Why this and not the alternatives: a difference of logs is the only comparison of the two branch levels that
+    is invariant to adding a constant to a query's scores (softmax is), so no clamp or sign guard is needed,
+    unlike a ratio of logs (``dynamic``, ``lse_ratio``); subtracting ``log N_b`` makes it exactly invariant to
+    duplicating the text, style or target tokens, which pooling the joint masses by sum (``dynamic``) or even by
+    arithmetic mean is not (each query's joint normaliser moves differently); and lambda is 0.5 when both
+    branches are equally active per key and moves monotonically with one branch's activations. It equals
+    ``vanilla``'s per-query split ``sigmoid(LSE_s - LSE_t)`` with the token-count prior ``log(N_s / N_t)`` removed.
+    """
     if mode == "vanilla":  # the joint-softmax split: reproduces plain attention under mass_preserving
         return a_s / (a_t + a_s).clamp_min(torch.finfo(a_s.dtype).tiny)
     if mode == "printed":  # as printed: log(sum A_s)/log(sum A_t) of row-normalised A is 1, so lambda = 1/2
@@ -175,14 +193,54 @@ def _lambda_for(mode: str, lam: float, a_t, a_s, lse_t, lse_s) -> torch.Tensor:
     if mode == "lse_ratio":  # per target query log-partition ratio (gamma clamped at 0 so lambda is in [0,1])
         gamma = lse_s.clamp_min(0) / (lse_t.abs() + _EPS)
         return dssi_lambda(gamma).clamp(0, 1)
+    if mode == "dynamic_norm":  # per-key branch mass log ratio, mean over target queries (docstring above)
+        log_n = [torch.as_tensor(n, dtype=lse_t.dtype, device=lse_t.device).clamp_min(1).log() for n in (n_t, n_s)]
+        gap = (lse_s - log_n[1]) - (lse_t - log_n[0])  # +inf when there is no text key: lambda 1
+        return torch.sigmoid(gap.mean(dim=-2, keepdim=True))
     raise ValueError(f"unknown DSSI mode {mode!r}; known: {', '.join(MODES[1:])}")
 
 
-def _dssi_rows(q, k, v, pos: _Positions, mode: str, lam: float, compose: str, stats: list | None):
+def _prompt_lens(prompt_len, batch: int, text_len: int) -> list[int] | None:
+    """Per-item text key counts for the DSSI rows' text branch, or None for all ``text_len`` keys."""
+    if prompt_len is None:
+        return None
+    lens = [prompt_len] * batch if isinstance(prompt_len, int) else [int(n) for n in prompt_len]
+    if len(lens) != batch:
+        raise ValueError(f"prompt_len has {len(lens)} entries for a batch of {batch}")
+    lens = [min(max(n, 0), text_len) for n in lens]
+    return None if all(n == text_len for n in lens) else lens
+
+
+def _text_branch(q_o, k, v, text_len: int, lens: list[int] | None, scale: float):
+    """Text-branch attention and LSE of the target queries; with ``lens``, item b sees only its first lens[b] keys."""
+    if lens is None:
+        return attention_with_lse(q_o, k[:, :, :text_len], v[:, :, :text_len], scale)
+    groups: dict[int, list[int]] = {}
+    for b, n in enumerate(lens):
+        groups.setdefault(n, []).append(b)
+    if len(groups) == 1:
+        n = lens[0]
+        return attention_with_lse(q_o, k[:, :, :n], v[:, :, :n], scale)
+    out = lse = None
+    for n, items in groups.items():
+        idx = torch.tensor(items, device=q_o.device)
+        o_g, l_g = attention_with_lse(q_o[idx], k[idx, :, :n], v[idx, :, :n], scale)
+        if out is None:
+            out = o_g.new_empty(q_o.shape[:-1] + v.shape[-1:])
+            lse = l_g.new_empty(q_o.shape[:-1])
+        out.index_copy_(0, idx, o_g.to(out.dtype))
+        lse.index_copy_(0, idx, l_g.to(lse.dtype))
+    return out, lse
+
+
+def _dssi_rows(
+    q, k, v, pos: _Positions, mode: str, lam: float, compose: str, stats: list | None, prompt_len=None
+):
     """DSSI output for the target queries, ``(B,H,No,D)`` in the compute dtype (>= fp32)."""
     scale = q.shape[-1] ** -0.5
     q_o = q.index_select(2, pos.out_pos)
-    s, lse_t = attention_with_lse(q_o, k[:, :, : pos.text_len], v[:, :, : pos.text_len], scale)
+    lens = _prompt_lens(prompt_len, q.shape[0], pos.text_len)
+    s, lse_t = _text_branch(q_o, k, v, pos.text_len, lens, scale)
     t, lse_s = attention_with_lse(q_o, k.index_select(2, pos.style_pos), v.index_select(2, pos.style_pos), scale)
     o, lse_o = attention_with_lse(q_o, k.index_select(2, pos.self_pos), v.index_select(2, pos.self_pos), scale)
     ctype = lse_t.dtype
@@ -190,7 +248,8 @@ def _dssi_rows(q, k, v, pos: _Positions, mode: str, lam: float, compose: str, st
     s, t, o = (x.to(ctype) for x in (s, t, o))
     lse_all = torch.logsumexp(torch.cat([lse_t, lse_s, lse_o], dim=-1), dim=-1, keepdim=True)
     a_t, a_s, a_o = (torch.exp(x - lse_all) for x in (lse_t, lse_s, lse_o))  # joint-softmax branch masses
-    lam_t = _lambda_for(mode, lam, a_t, a_s, lse_t, lse_s)
+    n_t = pos.text_len if lens is None else torch.tensor(lens, dtype=ctype, device=q.device).view(-1, 1, 1, 1)
+    lam_t = _lambda_for(mode, lam, a_t, a_s, lse_t, lse_s, n_t, pos.style_pos.numel())
     if compose == "mass_preserving":
         rows = torch.lerp(s, t, lam_t).mul_(a_t + a_s).addcmul_(a_o, o)
     elif compose == "replace":
@@ -201,21 +260,31 @@ def _dssi_rows(q, k, v, pos: _Positions, mode: str, lam: float, compose: str, st
         rows = torch.lerp(s2, t2, lam_t)
     else:
         raise ValueError(f"unknown DSSI compose {compose!r}; known: {', '.join(COMPOSES)}")
-    if stats is not None:
-        lam_full = lam_t.expand_as(a_t)
-        stats.append(torch.stack([x.mean(dim=(1, 2, 3)) for x in (a_t, a_s, a_o, lam_full)], dim=1).cpu())
+    if stats is not None:  # per item: mean branch masses, then lambda mean, min and max over heads and queries
+        lam_full = lam_t.expand_as(a_t).flatten(1)
+        cols = [x.mean(dim=(1, 2, 3)) for x in (a_t, a_s, a_o)]
+        cols += [lam_full.mean(dim=1), lam_full.amin(dim=1), lam_full.amax(dim=1)]
+        stats.append(torch.stack(cols, dim=1).cpu())
     return rows
 
 
-def _dssi_attention_at(q, k, v, pos: _Positions, mode, lam, compose, stats=None) -> torch.Tensor:
-    """Plain SDPA for the non-target queries, DSSI for the target ones, written into one output."""
+def _dssi_attention_at(
+    q, k, v, pos: _Positions, mode, lam, compose, stats=None, prompt_len=None, rest_attention=None
+) -> torch.Tensor:
+    """Plain attention for the non-target queries, DSSI for the target ones, written into one output.
+
+    ``rest_attention(q, k, v)`` (``(B,H,N,D)`` in and out) replaces SDPA for the non-target rows, so that a chosen
+    attention backend also serves them.
+    """
     out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     if pos.rest_pos.numel():
-        rest = F.scaled_dot_product_attention(q.index_select(2, pos.rest_pos), k, v)
+        rest_fn = rest_attention or F.scaled_dot_product_attention
+        rest = rest_fn(q.index_select(2, pos.rest_pos), k, v)
         out.index_copy_(2, pos.rest_pos, rest.to(q.dtype))
         del rest
     if pos.out_pos.numel():
-        out.index_copy_(2, pos.out_pos, _dssi_rows(q, k, v, pos, mode, lam, compose, stats).to(q.dtype))
+        rows = _dssi_rows(q, k, v, pos, mode, lam, compose, stats, prompt_len)
+        out.index_copy_(2, pos.out_pos, rows.to(q.dtype))
     return out
 
 
@@ -230,6 +299,7 @@ def dssi_attention(
     mode: str = "dynamic",
     lam: float = 0.5,
     compose: str = "mass_preserving",
+    prompt_len: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Joint attention with DSSI on the target queries (DESIGN §6).
 
@@ -237,7 +307,9 @@ def dssi_attention(
     ``output_index`` are positions within the image tokens. Queries outside ``output_index`` get plain softmax
     attention. For target queries the text branch (keys ``[0, text_len)``), the style branch (``style_index``)
     and the self branch (all other image tokens) are attended separately and recombined per ``mode`` and
-    ``compose``; ``vanilla`` + ``mass_preserving`` is exactly plain attention.
+    ``compose``; ``vanilla`` + ``mass_preserving`` is exactly plain attention. ``prompt_len`` (an int or one per
+    batch item) limits the target queries' text branch to the first ``prompt_len`` text keys (padding left out);
+    the other queries keep all keys.
     """
     if mode not in MODES or mode == "off":
         raise ValueError(f"unknown DSSI mode {mode!r}; known: {', '.join(MODES[1:])}")
@@ -246,7 +318,7 @@ def dssi_attention(
     if query.dim() != 4 or key.shape[:2] != query.shape[:2] or key.shape[2] != value.shape[2]:
         raise ValueError("query/key/value must be (batch, heads, tokens, head_dim) with matching keys and values")
     pos = _positions(key.shape[2], int(text_len), style_index, output_index, query.device)
-    return _dssi_attention_at(query, key, value, pos, mode, lam, compose)
+    return _dssi_attention_at(query, key, value, pos, mode, lam, compose, prompt_len=prompt_len)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,12 +330,13 @@ def dssi_attention(
 class DSSIConfig:
     """Where and how DSSI applies (research/sissi.md §4, §9)."""
 
-    mode: str = "dynamic"
+    mode: str = "dynamic_norm"  # count-invariant reading; unverified on real weights (README)
     compose: str = "mass_preserving"
     lam: float = 0.5
     layers: str | list[int] = "all"  # all | double | single | global indices (double-stream blocks first)
     steps: tuple[float, float] = (0.0, 1.0)  # step i is gated in when start <= i/steps < end
     record: bool = False  # put branch masses and lambda per item into meta (costs a sync per layer)
+    text_tokens: str = "all"  # all | prompt: leave T5 padding out of the DSSI rows' text branch
 
 
 @dataclass
@@ -277,6 +350,9 @@ class SissiParams:
     offload: bool = False  # enable_model_cpu_offload (accelerators only)
     vae_tiling: bool = False
     compile: bool = False  # regional torch.compile of the repeated transformer blocks
+    cache: str = "off"  # off | first_block: diffusers' First Block Cache on the transformer (approximate)
+    cache_threshold: float = 0.05  # FirstBlockCacheConfig.threshold
+    attention_backend: str | None = None  # a diffusers attention backend for the stock rows and layers
     dssi: DSSIConfig = field(default_factory=DSSIConfig)
 
 
@@ -340,6 +416,15 @@ def _parse_panel(value: Any) -> tuple[int, int]:
     return width, height
 
 
+def _check_backend(name: str) -> None:
+    """A diffusers ``AttentionBackendName`` value (imported only when a backend is asked for)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = sorted(b.value for b in AttentionBackendName)
+    if name not in known:
+        raise ValueError(f"attention_backend must be one of {', '.join(known)}, got {name!r}")
+
+
 def parse_params(params: dict[str, Any] | None) -> SissiParams:
     """Validate operator params; nested ``{"dssi": {...}}`` and dotted ``"dssi.mode"`` keys are equivalent."""
     flat = _flatten(dict(params or {}))
@@ -355,12 +440,16 @@ def parse_params(params: dict[str, Any] | None) -> SissiParams:
         "offload": lambda v: setattr(out, "offload", _as_bool(v, "offload")),
         "vae_tiling": lambda v: setattr(out, "vae_tiling", _as_bool(v, "vae_tiling")),
         "compile": lambda v: setattr(out, "compile", _as_bool(v, "compile")),
+        "cache": lambda v: setattr(out, "cache", "off" if v in (None, False) else str(v).lower()),
+        "cache_threshold": lambda v: setattr(out, "cache_threshold", float(v)),
+        "attention_backend": lambda v: setattr(out, "attention_backend", None if v is None else str(v).lower()),
         "dssi.mode": lambda v: setattr(d, "mode", str(v).lower()),
         "dssi.compose": lambda v: setattr(d, "compose", str(v).lower()),
         "dssi.lam": lambda v: setattr(d, "lam", float(v)),
         "dssi.layers": lambda v: setattr(d, "layers", _parse_layers(v)),
         "dssi.steps": lambda v: setattr(d, "steps", _parse_steps(v)),
         "dssi.record": lambda v: setattr(d, "record", _as_bool(v, "dssi.record")),
+        "dssi.text_tokens": lambda v: setattr(d, "text_tokens", str(v).lower()),
     }
     unknown = sorted(set(flat) - set(setters))
     if unknown:
@@ -374,6 +463,14 @@ def parse_params(params: dict[str, Any] | None) -> SissiParams:
         raise ValueError(f"dssi.mode must be one of {', '.join(MODES)}, got {d.mode!r}")
     if d.compose not in COMPOSES:
         raise ValueError(f"dssi.compose must be one of {', '.join(COMPOSES)}, got {d.compose!r}")
+    if d.text_tokens not in TEXT_TOKENS:
+        raise ValueError(f"dssi.text_tokens must be one of {', '.join(TEXT_TOKENS)}, got {d.text_tokens!r}")
+    if out.cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {out.cache!r}")
+    if not out.cache_threshold > 0:
+        raise ValueError(f"cache_threshold must be > 0, got {out.cache_threshold}")
+    if out.attention_backend is not None:
+        _check_backend(out.attention_backend)
     if not 0.0 <= d.lam <= 1.0:
         raise ValueError(f"dssi.lam must be in [0, 1], got {d.lam}")
     if out.steps < 1 or out.max_sequence_length < 1:
@@ -409,6 +506,8 @@ class DSSIState:
         self.active = True
         self.step = 0
         self.stats: list[tuple[int, int, torch.Tensor]] | None = [] if config.record else None
+        self.prompt_len: list[int] | None = None  # per batch item, set before each call under text_tokens: prompt
+        self.n_double = 0  # global layers below this are double-stream (for the per-group records)
         self._cache: dict[tuple[str, int], _Positions] = {}
 
     def positions(self, device: torch.device, n_tokens: int) -> _Positions:
@@ -457,6 +556,8 @@ def _processor_class() -> type:
                     cfg.lam,
                     cfg.compose,
                     stats,
+                    prompt_len=st.prompt_len if cfg.text_tokens == "prompt" else None,
+                    rest_attention=None if self._attention_backend is None else self._rest_attention,
                 ).transpose(1, 2)
                 if stats:
                     st.stats.append((self.layer, st.step, stats[0]))
@@ -477,6 +578,17 @@ def _processor_class() -> type:
             )
             img = attn.to_out[1](attn.to_out[0](img.contiguous()))
             return img, attn.to_add_out(enc.contiguous())
+
+        def _rest_attention(self, q, k, v):
+            """The stock rows of a DSSI layer through the chosen backend (``(B,H,N,D)`` in and out)."""
+            out = dispatch_attention_fn(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+            return out.transpose(1, 2)
 
     return SissiFluxAttnProcessor
 
@@ -509,6 +621,7 @@ def install_dssi(transformer, config: DSSIConfig, style_index, output_index, n_i
         return None
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     state = DSSIState(config, style_index, output_index, n_img)
+    state.n_double = len(transformer.transformer_blocks)
     for index in select_layers(
         config.layers, len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
     ):
@@ -519,6 +632,18 @@ def install_dssi(transformer, config: DSSIConfig, style_index, output_index, n_i
 # --------------------------------------------------------------------------------------------------
 # The operator
 # --------------------------------------------------------------------------------------------------
+
+
+def _set_backend(transformer, name: str) -> None:
+    """Give every attention processor of ``transformer`` the backend, without changing diffusers' process-wide
+    active backend (``set_attention_backend`` also sets that, which would reach every other model in the worker)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry._active_backend
+    try:
+        transformer.set_attention_backend(name)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
 
 
 def _to_rgb(image) -> Any:
@@ -582,6 +707,12 @@ class SissiOperator:
             if self.params.offload:
                 logger.warning("offload needs an accelerator; running on %s without it", self.device)
             pipe.to(self.device)
+        if self.params.attention_backend is not None:  # after install_dssi: it sets every processor's backend
+            _set_backend(tr, self.params.attention_backend)
+        if self.params.cache == "first_block":
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            tr.enable_cache(FirstBlockCacheConfig(threshold=self.params.cache_threshold))
         if self.params.compile:
             tr.compile_repeated_blocks(fullgraph=False)
         self.pipe = pipe
@@ -604,8 +735,11 @@ class SissiOperator:
         from PIL import Image, ImageOps
 
         if isinstance(style, list | tuple):
-            if not style:
-                raise ValueError("empty style list")
+            if len(style) != 1:
+                raise ValueError(
+                    f"{len(style)} style images given; sissi takes exactly one style image per sample"
+                    " (a multi-panel layout is not implemented)"
+                )
             style = style[0]
         width, height = self.params.panel_size
         panel = ImageOps.fit(_to_rgb(style), (width, height), method=Image.Resampling.LANCZOS)
@@ -636,7 +770,29 @@ class SissiOperator:
             self.state.set_step(0, self.params.steps)
             if self.state.stats is not None:
                 self.state.stats.clear()
-        result = self.pipe(
+            self.state.prompt_len = self.prompt_lengths(prompts) if self.state.config.text_tokens == "prompt" else None
+        tr = self.pipe.transformer
+        caching = self.params.cache != "off"
+        if caching:  # each call starts cold: no residual carried over from the previous batch
+            tr._reset_stateful_cache()
+        with tr.cache_context("cond") if caching else contextlib.nullcontext():
+            result = self._pipe_call(prompts, canvases, seeds)
+        return np.asarray(result.images, dtype=np.float32)[:, :, width:, :]
+
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """T5 tokens of each prompt, end token included, as FluxPipeline tokenizes it (padding excluded)."""
+        tokens = self.pipe.tokenizer_2(
+            prompts,
+            padding="max_length",
+            max_length=self.params.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return [int(n) for n in tokens.attention_mask.sum(dim=1)]
+
+    def _pipe_call(self, prompts: list[str], canvases: list, seeds: list[int]):
+        width, height = self.params.panel_size
+        return self.pipe(
             prompt=prompts,
             image=canvases,
             mask_image=self._mask(),
@@ -650,7 +806,6 @@ class SissiOperator:
             callback_on_step_end=self._on_step_end,
             callback_on_step_end_tensor_inputs=[],
         )
-        return np.asarray(result.images, dtype=np.float32)[:, :, width:, :]
 
     def _stats_per_item(self, n_items: int) -> list[dict[str, Any]] | None:
         if self.state is None or self.state.stats is None:
@@ -676,8 +831,27 @@ class SissiOperator:
                     "alpha_self": mean[2],
                     "lambda": mean[3],
                     "lambda_per_layer": per_layer,
+                    "lambda_per_step": self._lambda_per_step(records, b),
                 }
             )
+        return out
+
+    def _lambda_per_step(self, records, b: int) -> dict[str, dict[str, dict[str, float]]]:
+        """``{group: {step: {mean, min, max}}}`` of item b's lambda, groups ``double`` and ``single`` layers."""
+        groups: dict[str, dict[int, list[torch.Tensor]]] = {}
+        for layer, step, row in records:
+            group = "double" if layer < self.state.n_double else "single"
+            groups.setdefault(group, {}).setdefault(step, []).append(row[b])
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for group, steps in groups.items():
+            out[group] = {}
+            for step, rows in sorted(steps.items()):
+                stack = torch.stack(rows)  # (layers, 6): masses, lambda mean/min/max per layer
+                out[group][str(step)] = {
+                    "mean": round(float(stack[:, 3].mean()), 6),
+                    "min": round(float(stack[:, 4].min()), 6),
+                    "max": round(float(stack[:, 5].max()), 6),
+                }
         return out
 
     def _meta(self, item: dict[str, Any], prompt: str) -> dict[str, Any]:
@@ -700,6 +874,9 @@ class SissiOperator:
             "offload": p.offload,
             "vae_tiling": p.vae_tiling,
             "compile": p.compile,
+            "cache": p.cache,
+            **({"cache_threshold": p.cache_threshold} if p.cache != "off" else {}),
+            "attention_backend": p.attention_backend,
             "dssi": {
                 **asdict(p.dssi),
                 "steps": list(p.dssi.steps),
@@ -717,6 +894,8 @@ class SissiOperator:
             meta = self._meta(item, prompt)
             if stats is not None:
                 meta["dssi_stats"] = stats[b]
+            if self.state is not None and self.state.prompt_len is not None:
+                meta["dssi"]["text_keys"] = self.state.prompt_len[b]
             results.append({"key": item["key"], "image": _to_pil(array), "meta": meta})
         return results
 

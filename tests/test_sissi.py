@@ -53,6 +53,10 @@ def _reference(q, k, v, text_len, style_index, output_index, mode, lam, compose)
     elif mode == "dynamic":
         gamma = torch.log1p(a["s"].sum(2, keepdim=True)) / torch.log1p(a["t"].sum(2, keepdim=True))
         lam_t = gamma / (1 + gamma)
+    elif mode == "dynamic_norm":  # geometric mean over target queries of the per-key joint-mass ratio
+        rho_s, rho_t = a["s"] / style.numel(), a["t"] / text_len
+        gamma = torch.exp(torch.log(rho_s / rho_t).mean(2, keepdim=True))
+        lam_t = gamma / (1 + gamma)
     else:  # lse_ratio
         gamma = lse["s"].clamp_min(0) / lse["t"].abs()
         lam_t = gamma / (1 + gamma)
@@ -218,7 +222,7 @@ def test_params_nested_and_dotted_are_equivalent():
     )
     assert nested == dotted
     assert nested.dssi.layers == [0, -1] and nested.dssi.steps == (0.0, 0.5)
-    assert parse_params({}).dssi.mode == "dynamic"
+    assert parse_params({}).dssi.mode == "dynamic_norm"  # the default (README: why)
 
 
 @pytest.mark.parametrize(
@@ -237,3 +241,100 @@ def test_params_nested_and_dotted_are_equivalent():
 def test_params_rejected(bad):
     with pytest.raises(ValueError):
         parse_params(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# dynamic_norm: token-count invariance and response to activations; text_tokens: prompt
+# --------------------------------------------------------------------------------------------------
+
+
+def _duplicated(q, k, v, text_len, style_index, output_index, which):
+    """The same tokens with every text, style or target token (query, key and value) present twice."""
+    text, img = (slice(0, text_len), slice(text_len, None))
+    n_img = q.shape[2] - text_len
+    if which == "text":
+        cat = [torch.cat([x[:, :, text], x[:, :, text], x[:, :, img]], 2) for x in (q, k, v)]
+        return cat, 2 * text_len, style_index, output_index
+    extra = style_index if which == "style" else output_index
+    cat = [torch.cat([x, x[:, :, extra + text_len]], 2) for x in (q, k, v)]
+    added = n_img + torch.arange(extra.numel())
+    if which == "style":
+        return cat, text_len, torch.cat([style_index, added]), output_index
+    return cat, text_len, style_index, torch.cat([output_index, added])
+
+
+@pytest.mark.parametrize("which", ["text", "style", "target"])
+def test_dynamic_norm_is_invariant_to_duplicated_tokens(which):
+    (q, k, v), text_len, style_index, output_index = _inputs(dtype=torch.float64, seed=11)
+    kwargs = dict(text_len=text_len, style_index=style_index, output_index=output_index, compose="replace")
+    base = dssi_attention(q, k, v, **kwargs, mode="dynamic_norm")[:, :, output_index + text_len]
+    (q2, k2, v2), t2, s2, o2 = _duplicated(q, k, v, text_len, style_index, output_index, which)
+    kwargs2 = dict(text_len=t2, style_index=s2, output_index=o2, compose="replace")
+    dup = dssi_attention(q2, k2, v2, **kwargs2, mode="dynamic_norm")
+    copies = 2 if which == "target" else 1
+    for c in range(copies):
+        rows = dup[:, :, o2[c * output_index.numel() : (c + 1) * output_index.numel()] + t2]
+        torch.testing.assert_close(rows, base, rtol=0, atol=1e-6)
+    # the count-dominated reading moves under the same change, so the invariance above is not vacuous
+    old = dssi_attention(q, k, v, **kwargs, mode="dynamic")[:, :, output_index + text_len]
+    old_dup = dssi_attention(q2, k2, v2, **kwargs2, mode="dynamic")[:, :, o2[: output_index.numel()] + t2]
+    assert (old_dup - old).abs().max() > 1e-4
+
+
+def _lambda(mode, q, k, text_len, style_index, output_index):
+    """Lambda per (batch, head) from float64 branch log-sum-exps, as _dssi_rows computes it."""
+    q, k = q.double(), k.double()
+    qo = q[:, :, output_index + text_len]
+    scale = q.shape[-1] ** -0.5
+    style = style_index + text_len
+    self_idx = torch.tensor([i for i in range(text_len, q.shape[2]) if i not in set(style.tolist())])
+    lse = {n: torch.logsumexp(qo @ k[:, :, idx].transpose(-1, -2) * scale, -1, keepdim=True)
+           for n, idx in (("t", torch.arange(text_len)), ("s", style), ("o", self_idx))}
+    lse_all = torch.logsumexp(torch.cat(list(lse.values()), -1), -1, keepdim=True)
+    a_t, a_s = (torch.exp(lse[n] - lse_all) for n in ("t", "s"))
+    return sissi._lambda_for(mode, 0.5, a_t, a_s, lse["t"], lse["s"], text_len, style.numel())
+
+
+def test_dynamic_norm_lambda_follows_branch_activations():
+    (q, k, _), text_len, style_index, output_index = _inputs(dtype=torch.float64, seed=12)
+    args = (text_len, style_index, output_index)
+    lam = _lambda("dynamic_norm", q, k, *args)
+    assert lam.shape == (q.shape[0], q.shape[1], 1, 1) and ((lam > 0) & (lam < 1)).all()
+    scaled = k.clone()
+    scaled[:, :, style_index + text_len] *= 1.5
+    assert (_lambda("dynamic_norm", q, scaled, *args) - lam).abs().max() > 1e-3
+    # Proposition 1: raising every style activation by c per query raises the lambda logit by mean(c)
+    q_bar = q[:, :, output_index + text_len].mean(2, keepdim=True)  # (B,H,1,D)
+    shifted = k.clone()
+    shifted[:, :, style_index + text_len] += 0.7 * q_bar
+    lam2 = _lambda("dynamic_norm", q, shifted, *args)
+    expected = torch.logit(lam) + 0.7 * (q_bar**2).sum(-1, keepdim=True) / q.shape[-1] ** 0.5
+    torch.testing.assert_close(torch.logit(lam2), expected, rtol=0, atol=1e-9)
+    assert (lam2 > lam).all()
+
+
+def test_dynamic_norm_equal_activations_give_one_half():
+    """Identical text and style keys (any counts): per-key masses are equal, lambda is exactly 1/2."""
+    (q, k, v), text_len, style_index, output_index = _inputs(dtype=torch.float64, seed=13, text_len=6)
+    k[:, :, style_index + text_len] = k[:, :, :text_len]
+    lam = _lambda("dynamic_norm", q, k, text_len, style_index, output_index)
+    torch.testing.assert_close(lam, torch.full_like(lam, 0.5), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["dynamic_norm", "vanilla", "dynamic"])
+def test_prompt_len_changes_only_the_target_rows_of_short_prompts(mode):
+    (q, k, v), text_len, style_index, output_index = _inputs(dtype=torch.float64, seed=14)
+    kwargs = dict(text_len=text_len, style_index=style_index, output_index=output_index, mode=mode)
+    full = dssi_attention(q, k, v, **kwargs)
+    short = text_len - 4
+    out = dssi_attention(q, k, v, **kwargs, prompt_len=[short, text_len])
+    targets = output_index + text_len
+    others = _others(q.shape[2], text_len, output_index)
+    assert torch.equal(out[:, :, others], full[:, :, others])  # stock rows keep every key
+    assert torch.equal(out[1], full[1])  # a prompt as long as the text branch: nothing changes
+    assert (out[0, :, targets] - full[0, :, targets]).abs().max() > 1e-4
+    # item 0's target rows are DSSI over a sequence without its padding tokens
+    keep = torch.cat([torch.arange(short), torch.arange(text_len, q.shape[2])])
+    trimmed = dssi_attention(*(x[:1, :, keep] for x in (q, k, v)), **{**kwargs, "text_len": short})
+    torch.testing.assert_close(out[:1, :, targets], trimmed[:, :, output_index + short], rtol=0, atol=1e-10)
+    assert torch.equal(dssi_attention(q, k, v, **kwargs, prompt_len=text_len), full)

@@ -159,3 +159,73 @@ def test_tiny_spec_resolves_through_cache(tmp_path, monkeypatch, items):
 def test_panel_size_must_fit_tokens(model_dir):
     with pytest.raises(ValueError):
         SissiOperator(model=model_dir, params={**BASE, "panel_size": 40})
+
+
+def test_text_tokens_prompt_changes_only_short_prompts(model_dir, items):
+    full = _op(model_dir, mode="dynamic_norm")
+    prompt = _op(model_dir, mode="dynamic_norm", text_tokens="prompt")
+    lens = prompt.prompt_lengths([prompt.prompt_for(it["prompt"]) for it in items])
+    assert lens[0] < BASE["max_sequence_length"] == lens[1] and lens[2] == 1  # "" is the end token alone
+    assert np.abs(_arrays(prompt, items[:1]) - _arrays(full, items[:1])).max() > 1e-4
+    assert np.array_equal(_arrays(prompt, items[1:2]), _arrays(full, items[1:2]))  # fills max_sequence_length
+    mixed = _arrays(prompt, items[:2])  # per-item text key counts in one batch
+    assert np.abs(mixed[1] - _arrays(full, items[1:2])[0]).max() <= 1e-5
+    meta = prompt(items[:1])[0]["meta"]
+    assert meta["dssi"]["text_tokens"] == "prompt" and meta["dssi"]["text_keys"] == lens[0]
+
+
+def test_record_lambda_per_layer_group_and_step(model_dir, items):
+    op = _op(model_dir, mode="dynamic_norm", record=True)
+    stats = op(items[:2])[1]["meta"]["dssi_stats"]
+    per_step = stats["lambda_per_step"]
+    assert set(per_step) == {"double", "single"} and all(set(g) == {"0", "1"} for g in per_step.values())
+    for group in per_step.values():
+        for rec in group.values():
+            assert 0.0 < rec["min"] <= rec["mean"] <= rec["max"] < 1.0
+    assert per_step["double"]["0"]["min"] < per_step["double"]["0"]["max"]  # heads and layers differ
+
+
+def test_several_style_images_fail_the_sample(model_dir, items):
+    op = _op(model_dir, mode="dynamic_norm")
+    results = op([{**items[0], "style": [_style(1), _style(2)]}, {**items[0], "style": [_style(1)]}])
+    assert "2 style images" in results[0]["error"] and "image" not in results[0]
+    assert np.array_equal(np.asarray(results[1]["image"]), np.asarray(op(items[:1])[0]["image"]))
+
+
+def test_first_block_cache_is_off_by_default_and_approximate(model_dir, items):
+    """Recorded on the tiny model, 4 steps, 2 items, pixels in [0, 1]: threshold 1e-9 never skips (diff 0.0);
+    0.05 and 0.2 skip nothing either here (0.0); 1.0 reuses steps (max diff 0.044)."""
+    params = {**BASE, "steps": 4}
+    stock = _arrays(SissiOperator(model=model_dir, params=params), items[:2])
+    exact = SissiOperator(model=model_dir, params={**params, "cache": "first_block", "cache_threshold": 1e-9})
+    assert np.abs(_arrays(exact, items[:2]) - stock).max() <= 1e-6
+    loose = SissiOperator(model=model_dir, params={**params, "cache": "first_block", "cache_threshold": 1.0})
+    first = _arrays(loose, items[:2])
+    assert 1e-3 < np.abs(first - stock).max() < 0.1
+    assert np.array_equal(_arrays(loose, items[:2]), first)  # no residual carried across calls
+    assert SissiOperator.check_params({"cache": "first_block"}) is None
+    with pytest.raises(ValueError):
+        SissiOperator.check_params({"cache": "teacache"})
+
+
+def test_attention_backend_reaches_the_stock_rows_of_dssi_layers(model_dir, items):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    from torch.profiler import ProfilerActivity, profile
+
+    before = _AttentionBackendRegistry._active_backend
+    default = _op(model_dir, mode="vanilla")
+    math = SissiOperator(model=model_dir, params={**BASE, "attention_backend": "_native_math", "dssi.mode": "vanilla"})
+    assert _AttentionBackendRegistry._active_backend == before  # no process-wide side effect
+
+    def math_calls(op):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            arrays = _arrays(op, items[:1])
+        return arrays, sum(e.count for e in prof.key_averages() if "attention_math" in e.key)
+
+    base, n_default = math_calls(default)
+    out, n_math = math_calls(math)
+    layers = len(math.dssi_layers)
+    assert n_default == 0 and n_math >= layers * BASE["steps"]  # every DSSI layer's stock rows, every step
+    assert np.abs(out - base).max() <= 1e-4  # recorded: 1.4e-6, math vs CPU-flash SDPA on the tiny model, fp32
+    with pytest.raises(ValueError):
+        SissiOperator.check_params({"attention_backend": "nope"})
