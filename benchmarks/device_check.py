@@ -128,11 +128,14 @@ def check_sissi(model: str, device: torch.device, dtype: torch.dtype, args) -> l
 
 
 def check_ad(device: torch.device, dtype: torch.dtype, args) -> list[Row]:
-    """ad-t2i on tiny SD1.5 (bf16 on CUDA) and on tiny FLUX (fp32: FLUX AD has no other precision)."""
+    """ad-t2i on tiny SD1.5 and tiny FLUX, in the fast mode (bf16 on CUDA, FLUX with gradient checkpointing) and,
+    for FLUX, the fp32 reference too."""
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    flux = {"steps": args.steps, "iters": 1, "size": 32, "max_sequence_length": 16}
     cases = [
         ("ad-t2i tiny:sd15", "tiny:sd15", {"steps": args.steps, "iters": 1, "size": 64, "precision": precision}),
-        ("ad-t2i tiny:flux", "tiny:flux", {"steps": args.steps, "iters": 1, "size": 32, "max_sequence_length": 16}),
+        ("ad-t2i tiny:flux fast", "tiny:flux", {**flux, "precision": precision, "fast": True}),
+        ("ad-t2i tiny:flux reference", "tiny:flux", {**flux, "precision": "fp32", "fast": False}),
     ]
     rows = []
     for name, model, params in cases:
