@@ -20,7 +20,7 @@ lint: install
 
 test: install lint
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { echo "installing chromium (Debian package) for the report render tests"; (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null || { echo "error: cannot install chromium: run apt-get install -y chromium as root, then make test again" >&2; exit 1; }; }
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: install
 	$(PY) benchmarks/run_all.py
