@@ -2,7 +2,7 @@
 
 A job whose head-node ``python`` is not the environment with the dependencies (``ray start`` run by its full
 path, a system Python) otherwise fails with a ``ModuleNotFoundError`` traceback deep in its log. This prints
-one line naming the missing modules and the fixes, and exits 2. Standard library only, and syntax any Python 3
+one line naming the missing modules and the fixes, and exits 2. Standard library only, and syntax any Python >= 3.6
 parses: it runs before anything is known about the interpreter.
 
     python -m jobs.depcheck MODULE [MODULE ...]
