@@ -78,7 +78,7 @@ class Head(torch.nn.Module):
             self.norm.register_buffer("variance", torch.ones(spec.input_dim))
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.normalize(emb.float(), dim=-1)
+        x = torch.nn.functional.normalize(emb.to(self.linear[0].weight.dtype), dim=-1)
         if self.spec.standardize:
             x = (x - self.norm.mean) / self.norm.variance.sqrt()
         act = {"none": None, "relu": torch.relu, "gelu": torch.nn.functional.gelu}[self.spec.activation]
@@ -242,11 +242,15 @@ def convert_head(src: str | Path, out: str | Path, layout: str = "auto", activat
 
 
 class HeadSet:
-    """The configured heads of a scoring pass: ``{name: scores}`` for a batch of image embeddings."""
+    """The configured heads of a scoring pass: ``{name: scores}`` for a batch of image embeddings.
+
+    Computed in float64 and rounded to float32, so a row's score does not depend on which rows share its batch
+    (float32 matmuls differ in the last bits with the batch's size): ``filter``'s one-worker and staged paths
+    decide the same."""
 
     def __init__(self, heads: dict[str, dict], input_dim: int, device: str = "cpu"):
         self.device = device
-        self.heads = {name: build_head(name, h["weights"], input_dim, h.get("layout")).to(device)
+        self.heads = {name: build_head(name, h["weights"], input_dim, h.get("layout")).to(device, torch.float64)
                       for name, h in sorted(heads.items())}
 
     def __bool__(self) -> bool:
@@ -256,7 +260,7 @@ class HeadSet:
     def __call__(self, emb: torch.Tensor) -> dict[str, list[float]]:
         if not self.heads or len(emb) == 0:
             return {name: [] for name in self.heads}
-        emb = emb.to(self.device, torch.float32)
+        emb = emb.to(self.device, torch.float64)
         return {name: head(emb).float().cpu().tolist() for name, head in self.heads.items()}
 
     def rows(self, emb: torch.Tensor) -> list[dict[str, float]]:
