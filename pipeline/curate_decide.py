@@ -384,7 +384,9 @@ def _train_task(refs: list, k: int) -> np.ndarray:
     """k-means centroids from the training sample (one task: the sample is ~64 rows per centroid)."""
     import ray
 
-    table = pa.concat_tables(ray.get(refs)).sort_by("key")  # key order: the sample :func:`decide` trains on
+    # key order: the sample :func:`decide` trains on; blocks that came through the join may carry ``emb`` as
+    # large_binary, others as binary
+    table = pa.concat_tables(ray.get(refs), promote_options="permissive").sort_by("key")
     train = _matrix(table)
     return train_centroids(train, min(k, len(train)), SEED)
 
