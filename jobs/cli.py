@@ -112,10 +112,17 @@ def _stop_cleanly() -> None:
 
 
 def _check_sources(config: Path, cfg) -> int:
-    from pipeline.plan import build_plan
+    """Planned samples of a run config (the plan) or a filter config (the samples of its input tars, counted one
+    tar at a time); an unreadable source exits 2."""
     from pipeline.sources import SourceError
 
     try:
+        if getattr(cfg, "kind", "run") == "filter":
+            from pipeline.curate import _index_tars, list_inputs
+
+            return sum(len(_index_tars([job])) for job in list_inputs(cfg))
+        from pipeline.plan import build_plan
+
         return len(build_plan(cfg))
     except SourceError as exc:
         _fail(f"{config}: {exc}")
@@ -124,10 +131,11 @@ def _check_sources(config: Path, cfg) -> int:
 
 @app.command()
 def validate(config: Path, set_: SetOpt = None) -> None:
-    """Check a config and its sources without running anything."""
-    cfg = _load(config, set_)
+    """Check a config (run or filter, told apart by its keys or `kind: filter`) and its sources without running
+    anything."""
+    cfg = _load(config, set_, schema="auto")
     planned = _check_sources(config, cfg)
-    typer.echo(f"ok: {config} is valid; planned={planned}")
+    typer.echo(f"ok: {config} is a valid {getattr(cfg, 'kind', 'run')} config; planned={planned}")
 
 
 AddressArg = Annotated[str | None, typer.Option(help="Ray address; default: embedded local Ray")]
@@ -256,15 +264,18 @@ def submit(
     address: AddressOpt,
     set_: SetOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Stream logs; exit non-zero if the job fails")] = False,
+    ship_deps: Annotated[str | None, typer.Option(
+        "--ship-deps", flag_value="pip", metavar="[pip|uv]",
+        help="Install the project's pinned requirements for the job (Ray runtime_env pip, or uv)")] = None,
 ) -> None:
-    """Submit a run to a Ray cluster as a job (idempotent: the same run attaches to its job)."""
+    """Submit a run or filter config to a Ray cluster as a job (idempotent: the same run attaches to its job)."""
     from jobs import submit as jobs
     from pipeline.config import ConfigError
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, schema="auto")
     _check_sources(config, cfg)
     try:
-        job_id, new = jobs.submit(cfg, address)
+        job_id, new = jobs.submit(cfg, address, ship_deps=ship_deps)
     except ConfigError as exc:
         _fail(f"{config}: {exc}")
     except (ConnectionError, OSError) as exc:
@@ -358,6 +369,29 @@ def models_tiny(
         _fail(f"unknown tiny model kind {kind!r}; known: {', '.join(tiny_kinds())}")
     save_tiny(kind, out_dir, seed=seed)
     typer.echo(f"wrote tiny {kind} model to {out_dir}")
+
+
+@models_app.command("convert-head")
+def models_convert_head(
+    src: Annotated[Path, typer.Argument(help="Published state dict (.pth), loaded with weights_only=True")],
+    out: Annotated[Path, typer.Argument(help="Head file to write (.safetensors, config in its metadata)")],
+    layout: Annotated[str, typer.Option(help="auto | aesthetic | nsfw | linear")] = "auto",
+    activation: Annotated[str | None, typer.Option(help="Override: none | relu | gelu")] = None,
+    output: Annotated[str | None, typer.Option(help="Override: identity | sigmoid")] = None,
+) -> None:
+    """Convert a quality head's .pth state dict (LAION aesthetic predictor, NSFW detector, any linear/MLP) to
+    safetensors for scoring.heads; tensors only, no code is unpickled."""
+    from operators.heads import HeadError, convert_head
+
+    if out.suffix != ".safetensors":
+        _fail(f"{out}: the output must end in .safetensors")
+    try:
+        head = convert_head(src, out, layout=layout, activation=activation, output=output)
+    except HeadError as exc:
+        _fail(str(exc))
+    spec = head.spec
+    typer.echo(f"wrote head to {out}: {spec.input_dim} -> {' -> '.join(map(str, spec.layers))}, "
+               f"activation {spec.activation}, output {spec.output}, standardize {str(spec.standardize).lower()}")
 
 
 def main() -> None:

@@ -5,6 +5,11 @@ are excluded too) and the resolved config in an environment variable, so what ru
 ``stylegen validate`` accepted here. The submission id is derived from the resolved config: submitting the
 same run twice attaches to the job already running instead of starting a second writer on one output.
 
+The entrypoint's first line (:mod:`jobs.depcheck`) checks that the cluster's ``python`` can import the
+dependencies and otherwise fails with one line saying which and how to fix it. ``ray.runtime_env`` of the config
+(Ray's own keys) is merged into the job's; ``--ship-deps`` adds the project's pinned requirements as ``pip`` or
+``uv``.
+
 Ray 2.60 clusters use token authentication by default. The client sends the token from ``RAY_AUTH_TOKEN``
 or the token file (``~/.ray/auth_token``, or ``RAY_AUTH_TOKEN_PATH``); see the README.
 """
@@ -16,9 +21,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -49,35 +57,91 @@ def client(address: str):
     return JobSubmissionClient(address)
 
 
-def submission_base(config: RunConfig) -> str:
-    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+def kind(config) -> str:
+    """``run`` or ``filter``: the CLI command the job runs."""
+    return "run" if isinstance(config, RunConfig) else "filter"
+
+
+def submission_base(config, ship_deps: str | None = None) -> str:
+    what = config.model_dump(mode="json") | ({"ship_deps": ship_deps} if ship_deps else {})
+    blob = json.dumps(what, sort_keys=True)
     return "stylegen-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def check_submittable(config: RunConfig) -> None:
-    path = config.output.path
-    if not is_remote(path) and not os.path.isabs(path):
-        raise ConfigError(f"output.path: {path!r} is relative; a cluster job needs an absolute path or s3:// URL")
+def check_submittable(config) -> None:
+    paths = [("output.path", config.output.path)]
+    if kind(config) == "filter":
+        paths += [("input.shards", config.input.shards), ("embeddings.path", config.embeddings.path)]
+    for key, path in paths:
+        if path and not is_remote(path) and not os.path.isabs(os.path.expanduser(path)):
+            raise ConfigError(f"{key}: {path!r} is relative; a cluster job needs an absolute path or s3:// URL")
 
 
-def entrypoint() -> str:
-    return f"python -m jobs.cli run env:{CONFIG_ENV} --address auto"
+# Import names of the pinned distributions where they differ (the probe checks that the cluster can import them).
+IMPORT_NAMES = {"pillow": "PIL", "pyyaml": "yaml", "open-clip-torch": "open_clip", "faiss-cpu": "faiss",
+                "huggingface-hub": "huggingface_hub"}
 
 
-def runtime_env(config: RunConfig) -> dict:
+def requirements() -> list[str]:
+    """The project's pinned requirements (``pyproject.toml``), as pip/uv take them."""
+    with open(PROJECT_ROOT / "pyproject.toml", "rb") as f:
+        return list(tomllib.load(f)["project"]["dependencies"])
+
+
+def import_names(reqs: list[str]) -> list[str]:
+    names = []
+    for req in reqs:
+        dist = re.split(r"[\[=<>!~; ]", req, maxsplit=1)[0].strip().lower()
+        names.append(IMPORT_NAMES.get(dist, dist.replace("-", "_")))
+    return names
+
+
+def entrypoint(config=None) -> str:
+    """The dependency probe, then the run: a cluster whose python lacks a dependency fails on the first line."""
+    probe = "python -m jobs.depcheck " + " ".join(import_names(requirements()))
+    return f"{probe} && python -m jobs.cli {kind(config) if config is not None else 'run'} env:{CONFIG_ENV} " \
+           "--address auto"
+
+
+SHIP_DEPS = ("pip", "uv")
+
+
+def runtime_env(config, ship_deps: str | None = None) -> dict[str, Any]:
+    """This project as the working_dir, the config in an environment variable, ``ray.runtime_env`` merged in
+    (its ``env_vars`` and ``excludes`` added to ours), and with ``ship_deps`` the pinned requirements."""
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True)
-    env_vars = {CONFIG_ENV: text}
+    env_vars = {}
     for name in ("STYLEGEN_CACHE", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         if os.environ.get(name):  # locations only; credentials stay on the cluster's own environment
             env_vars[name] = os.environ[name]
-    return {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
+    own = dict(config.ray.runtime_env)
+    if "working_dir" in own:
+        raise ConfigError("ray.runtime_env.working_dir: a job ships this project as its working_dir; use py_modules "
+                          "for more code")
+    user_env = own.pop("env_vars", None) or {}
+    if not isinstance(user_env, dict) or not all(isinstance(v, str) for v in user_env.values()):
+        raise ConfigError("ray.runtime_env.env_vars: must map names to strings")
+    env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES + list(own.pop("excludes", None) or []),
+           "env_vars": env_vars | user_env | {CONFIG_ENV: text}}
+    env.update(own)
+    if ship_deps is not None:
+        if ship_deps not in SHIP_DEPS:
+            raise ConfigError(f"--ship-deps: {ship_deps!r} is not one of {', '.join(SHIP_DEPS)}")
+        taken = [k for k in ("pip", "uv", "conda", "py_executable") if k in env]
+        if taken:
+            raise ConfigError(f"--ship-deps: ray.runtime_env already sets {', '.join(taken)}; ship the dependencies "
+                              "one way")
+        env[ship_deps] = {"packages": requirements()}
+    return env
 
 
-def submit(config: RunConfig, address: str) -> tuple[str, bool]:
-    """Submit (or find) the job for ``config``; return ``(submission_id, newly_submitted)``."""
+def submit(config, address: str, ship_deps: str | None = None) -> tuple[str, bool]:
+    """Submit (or find) the job for ``config`` (a run or filter config); return ``(submission_id,
+    newly_submitted)``."""
     check_submittable(config)
+    env = runtime_env(config, ship_deps)  # a bad ray.runtime_env is refused before the cluster is asked
     jobs = client(address)
-    base = submission_base(config)
+    base = submission_base(config, ship_deps)
     attempt = 1
     while True:
         sub_id = base if attempt == 1 else f"{base}-{attempt}"
@@ -87,8 +151,8 @@ def submit(config: RunConfig, address: str) -> tuple[str, bool]:
         if status not in TERMINAL_RETRYABLE:  # PENDING/RUNNING: attach; SUCCEEDED: done already
             return sub_id, False
         attempt += 1  # a failed or stopped attempt: resume under a new id (the run itself resumes)
-    _retry_transient(lambda: jobs.submit_job(entrypoint=entrypoint(), submission_id=sub_id,
-                                             runtime_env=runtime_env(config),
+    _retry_transient(lambda: jobs.submit_job(entrypoint=entrypoint(config), submission_id=sub_id,
+                                             runtime_env=env,
                                              metadata={"tool": "stylegen", "output": config.output.path}))
     return sub_id, True
 

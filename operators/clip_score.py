@@ -77,6 +77,14 @@ class ClipScorer:
         self._style_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._style_cache_size = style_cache_size
 
+    @property
+    def embed_dim(self) -> int:
+        """Size of the image embedding (what a quality head takes)."""
+        dim = getattr(self.model.visual, "output_dim", None)
+        if dim is None:
+            dim = int(self.embed_images([Image.new("RGB", (8, 8))]).shape[-1])
+        return int(dim)
+
     def _autocast(self):
         if self.device.startswith("cuda"):
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -128,9 +136,19 @@ class ClipScorer:
         """Content scores (None where there is no prompt) and style scores, one per output."""
         if not outputs:
             return [], []
-        out_emb = self.embed_images(outputs)
+        return self.score_embedded(self.embed_images(outputs), prompts, styles)
+
+    def score_embedded(
+        self,
+        out_emb: torch.Tensor,
+        prompts: list[str | None],
+        styles: list[tuple[str, Image.Image]],
+    ) -> tuple[list[float | None], list[float]]:
+        """:meth:`score` from the outputs' image embeddings (which the quality heads reuse)."""
+        if len(out_emb) == 0:
+            return [], []
         style_scores = (out_emb * self.style_embeddings(styles)).sum(-1).tolist()
-        content: list[float | None] = [None] * len(outputs)
+        content: list[float | None] = [None] * len(out_emb)
         with_prompt = [i for i, p in enumerate(prompts) if p and p.strip()]
         if with_prompt:
             text_emb = self.embed_texts([prompts[i] for i in with_prompt])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,10 +138,47 @@ class OperatorConfig(_ActorPool):
         return value
 
 
+HEAD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")  # it becomes the index column ``score_<name>``
+
+
+class HeadConfig(_Strict):
+    """A quality head on the CLIP image embedding: a safetensors file (with its JSON config) or ``tiny``."""
+
+    weights: str
+    # for ``tiny`` only (a file carries its own config): aesthetic | nsfw | linear; default from the head's name
+    layout: Literal["aesthetic", "nsfw", "linear"] | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str) -> str:
+        if value == "tiny":
+            return value
+        if not value.endswith(".safetensors"):
+            raise ValueError(f"{value}: heads load from .safetensors (convert a .pth with "
+                             "`stylegen models convert-head IN OUT.safetensors`)")
+        if not os.path.isfile(os.path.expanduser(value)):
+            raise ValueError(f"head weights file not found: {value}")
+        return value
+
+
 class ScoringConfig(_ActorPool):
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "none"
     batch_size: int = Field(32, ge=1, le=65536)
+    # scores from the image embedding the CLIP pass already made: index column ``score_<name>``
+    heads: dict[str, HeadConfig] = Field(default_factory=dict)
+
+    @field_validator("heads")
+    @classmethod
+    def _head_names(cls, value: dict[str, HeadConfig]) -> dict[str, HeadConfig]:
+        for name in value:
+            if not HEAD_NAME.match(name):
+                raise ValueError(f"head name {name!r} must be lowercase letters, digits and _ (it names the "
+                                 "index column score_<name>)")
+        return value
+
+    def heads_dump(self) -> dict[str, dict[str, Any]]:
+        return {name: head.model_dump() for name, head in self.heads.items()}
 
     @field_validator("clip_model")
     @classmethod
@@ -166,10 +204,24 @@ class ScoringConfig(_ActorPool):
 class FilterConfig(_Strict):
     min_content: float | None = Field(None, ge=-1, le=1)
     min_style: float | None = Field(None, ge=-1, le=1)
+    # per quality head (scoring.heads): a score below min_scores[name] or above max_scores[name] is rejected
+    min_scores: dict[str, float] = Field(default_factory=dict)
+    max_scores: dict[str, float] = Field(default_factory=dict)
+
+
+def check_score_rules(heads: dict[str, Any], f: Any) -> None:
+    """``filter.min_scores`` / ``max_scores`` may only name configured heads (a typo must not filter nothing)."""
+    for which in ("min_scores", "max_scores"):
+        for name in getattr(f, which):
+            if name not in heads:
+                known = ", ".join(sorted(heads)) or "none configured"
+                raise ValueError(f"filter.{which}.{name}: no such head in scoring.heads ({known})")
 
 
 class RayConfig(_Strict):
     address: str | None = None
+    # Ray's own runtime_env (pip, uv, env_vars, py_executable, ...), merged into a submitted job's; see README
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
     # Start work only when every pool has its minimum actors, so min actors spread over the cluster share
     # the work from the start; a cluster that cannot provide them fails the run after this many seconds.
     wait_for_actors_s: int = Field(600, ge=1, le=86_400)
@@ -185,6 +237,11 @@ class RunConfig(_Strict):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _score_rules(self) -> RunConfig:
+        check_score_rules(self.scoring.heads, self.filter)
+        return self
 
     def operator_hash(self) -> str:
         """Hash of everything that changes an output image; part of every sample key."""
@@ -232,11 +289,13 @@ def _format_error(err: dict[str, Any]) -> str:
     return f"{where}: {msg}" if where else msg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] | None = None):
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                schema: type[BaseModel] | str | None = None):
     """Read, override and validate a YAML config; every problem becomes a one-line ConfigError.
 
     ``env:NAME`` reads the YAML text from the environment variable NAME (how cluster jobs get their config).
-    ``schema`` defaults to RunConfig (``stylegen run``); ``stylegen filter`` passes its own.
+    ``schema`` defaults to RunConfig (``stylegen run``); ``stylegen filter`` passes its own; ``"auto"`` picks
+    by the config's keys (``stylegen validate`` and ``submit``).
     """
     if str(path).startswith("env:"):
         name = str(path)[4:]
@@ -254,7 +313,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, schema: ty
     return _parse(text, str(path), overrides, schema)
 
 
-def _parse(text: str, path: str, overrides: list[str] | None, schema: type[BaseModel] | None = None):
+def _parse(text: str, path: str, overrides: list[str] | None, schema: type[BaseModel] | str | None = None):
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -269,7 +328,23 @@ def _parse(text: str, path: str, overrides: list[str] | None, schema: type[BaseM
     return validate_config(data, source=str(path), schema=schema)
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>", schema: type[BaseModel] | None = None):
+def config_schema(data: dict[str, Any]) -> type[BaseModel]:
+    """The kind of a config from its keys: ``kind: filter`` or ``input`` without ``content`` is a filter config
+    (``stylegen filter``), anything else a run config. ``kind: run`` is accepted and dropped."""
+    from pipeline.curate import FilterRunConfig
+
+    if data.get("kind") == "run":
+        del data["kind"]
+        return RunConfig
+    if data.get("kind") == "filter" or ("input" in data and "content" not in data):
+        return FilterRunConfig
+    return RunConfig
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>", schema: type[BaseModel] | str | None = None):
+    """Validate ``data`` against ``schema`` (default RunConfig; ``"auto"``: by :func:`config_schema`)."""
+    if schema == "auto":
+        schema = config_schema(data)
     try:
         return (schema or RunConfig).model_validate(data)
     except ValidationError as exc:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import (
     ConfigError,
@@ -32,6 +32,7 @@ from pipeline.config import (
     RayConfig,
     ScoringConfig,
     _Strict,
+    check_score_rules,
 )
 from pipeline.fs import read_range
 from pipeline.integrity import failed_mask, quarantine_unreadable, supersede
@@ -63,6 +64,9 @@ class CurateFilter(_Strict):
     max_aspect: float | None = Field(None, ge=1)
     min_caption_chars: int | None = Field(None, ge=0)
     max_caption_chars: int | None = Field(None, ge=1)
+    # per quality head (scoring.heads), from the persisted image embeddings: outside the bounds is rejected
+    min_scores: dict[str, float] = Field(default_factory=dict)
+    max_scores: dict[str, float] = Field(default_factory=dict)
 
 
 class EmbeddingsConfig(_Strict):
@@ -79,6 +83,11 @@ class FilterRunConfig(_Strict):
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="after")
+    def _score_rules(self) -> FilterRunConfig:
+        check_score_rules(self.scoring.heads, self.filter)
+        return self
+
     def embeddings_path(self) -> str:
         return self.embeddings.path or f"{self.output.path.rstrip('/')}/embeddings"
 
@@ -88,8 +97,14 @@ class FilterRunConfig(_Strict):
             del rules["dedup_method"]  # the rule of outputs made before the option existed: their hash stays
         if not rules["dedup_exact"]:
             del rules["dedup_exact"]
-        blob = json.dumps({"filter": rules, "input": self.input.shards,
-                           "clip": [self.scoring.clip_model, self.scoring.clip_pretrained]}, sort_keys=True)
+        for name in ("min_scores", "max_scores"):  # outputs made before heads existed keep their hash
+            if not rules[name]:
+                del rules[name]
+        what = {"filter": rules, "input": self.input.shards,
+                "clip": [self.scoring.clip_model, self.scoring.clip_pretrained]}
+        if self.scoring.heads:
+            what["heads"] = self.scoring.heads_dump()
+        blob = json.dumps(what, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -98,6 +113,9 @@ EMB_SCHEMA = pa.schema([
     ("caption", pa.string()), ("error", pa.string()),
     ("image_emb", pa.list_(pa.float32())), ("text_emb", pa.list_(pa.float32())),
     ("sha1", pa.string()),  # of the image member's bytes (exact dedup); null in files embedded before it existed
+    # JSON {head: score} of the scoring.heads configured when embedded (a record for readers of the store; the
+    # decisions recompute the heads from image_emb, so a re-filter with other heads needs no CLIP work)
+    ("scores", pa.string()),
 ])
 
 
@@ -186,10 +204,12 @@ class Embedder:
 
     def __init__(self, scoring: dict[str, Any], decode: dict[str, Any]):
         from operators.clip_score import ClipScorer
+        from operators.heads import HeadSet
         from pipeline.stages import pick_device
 
-        self.scorer = ClipScorer(scoring["clip_model"], scoring["clip_pretrained"],
-                                 device=pick_device(float(scoring.get("num_gpus") or 0)))
+        device = pick_device(float(scoring.get("num_gpus") or 0))
+        self.scorer = ClipScorer(scoring["clip_model"], scoring["clip_pretrained"], device=device)
+        self.heads = HeadSet(scoring.get("heads") or {}, self.scorer.embed_dim, device=device)
         self.decode = DecodeConfig.model_validate(decode)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -204,7 +224,7 @@ class Embedder:
         for row in rows:
             members = json.loads(row["members"])
             rec = {"key": row["key"], "clip": None, "width": None, "height": None, "caption": None, "error": None,
-                   "image_emb": None, "text_emb": None, "sha1": None}
+                   "image_emb": None, "text_emb": None, "sha1": None, "scores": None}
             out.append(rec)
             ext = next((e for e in IMAGE_EXTS if e in members), None)
             if row.get("error"):
@@ -229,8 +249,10 @@ class Embedder:
             img_emb = self.scorer.embed_images([im for _, im in images])
             with_text = [i for i, c in enumerate(captions) if c]
             txt_emb = self.scorer.embed_texts([captions[i] for i in with_text]) if with_text else None
-            for (rec, _), emb in zip(images, img_emb, strict=True):
+            heads = self.heads.rows(img_emb) if self.heads else [None] * len(images)
+            for (rec, _), emb, h in zip(images, img_emb, heads, strict=True):
                 rec["image_emb"] = emb.tolist()
+                rec["scores"] = json.dumps(h, sort_keys=True) if h is not None else None
             for j, i in enumerate(with_text):
                 rec = images[i][0]
                 rec["text_emb"] = txt_emb[j].tolist()
@@ -386,7 +408,8 @@ def _curate(cfg: FilterRunConfig, plan: Dataset, *, quiet: bool, retry_failed: s
         ds.write_datasink(EmbeddingSink(cfg.embeddings_path(), out.fsync))
     summary.timings["embed_s"] = round(time.time() - started, 3)
     if n_todo:
-        decided = decisions_dataset(plan, planned, emb_store, cfg.filter.model_dump()).materialize()
+        decided = decisions_dataset(plan, planned, emb_store, cfg.filter.model_dump(),
+                                    sc.heads_dump()).materialize()
         removed = removed_by(decided)
         todo = todo_dataset(decided, store, before, out.samples_per_shard)
         todo.repartition(target_num_rows_per_block=out.samples_per_shard).write_datasink(

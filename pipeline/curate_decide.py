@@ -15,6 +15,7 @@ The output rows are the plan's (key, content_id, url, members) with status, reas
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -47,27 +48,60 @@ SMALL_POOL = 100_000  # planned samples decided by one worker (embeddings of 10^
 PLAN_COLUMNS = ["key", "content_id", "url", "members"]
 DECIDED = pa.schema([("key", pa.string()), ("content_id", pa.string()), ("url", pa.string()),
                      ("members", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-                     ("clip_content", pa.float64()), ("prompt", pa.string()), ("meta", pa.string())])
+                     ("clip_content", pa.float64()), ("prompt", pa.string()), ("meta", pa.string()),
+                     ("scores", pa.string())])  # JSON {head: score} (index columns score_<head>); null without heads
 SEED = 0
 
 Decision = tuple[str, str | None, float | None]  # (status, reason, clip score)
 
 
-def decisions_dataset(plan: Dataset, planned: int, emb_store: OutputStore, rules: dict[str, Any]) -> Dataset:
-    """The plan's rows with their decisions (schema ``DECIDED``), computed on the cluster."""
+def decisions_dataset(plan: Dataset, planned: int, emb_store: OutputStore, rules: dict[str, Any],
+                      heads: dict[str, dict] | None = None) -> Dataset:
+    """The plan's rows with their decisions (schema ``DECIDED``), computed on the cluster. ``heads``
+    (scoring.heads) are scored from the persisted image embeddings where the rows are decided."""
     from pipeline.curate import CurateFilter
 
     f = CurateFilter.model_validate(rules)
     files = emb_store.parquet_files(".")
+    heads = heads or {}
     if planned <= SMALL_POOL or (f.dedup_threshold is not None and f.dedup_method == "greedy"):
         return plan.repartition(1).map_batches(_decide_whole, batch_format="pyarrow", batch_size=None, fn_kwargs={
-            "url": emb_store.url, "files": tuple(files), "rules": f.model_dump()})
-    return _staged(plan, planned, emb_store, files, f)
+            "url": emb_store.url, "files": tuple(files), "rules": f.model_dump(), "heads": heads})
+    return _staged(plan, planned, emb_store, files, f, heads)
+
+
+# ---- quality heads, from the persisted embeddings -------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _head_set(heads_json: str, dim: int):
+    from operators.heads import HeadSet
+
+    return HeadSet(json.loads(heads_json), dim)
+
+
+def head_scores(heads: dict[str, dict], rows: list[np.ndarray | None]) -> list[dict[str, float] | None]:
+    """``{head: score}`` per embedding (None where a row has none, or no heads are configured)."""
+    present = [i for i, r in enumerate(rows) if r is not None]
+    out: list[dict[str, float] | None] = [None] * len(rows)
+    if not heads or not present:
+        return out
+    import torch
+
+    mat = torch.from_numpy(np.stack([rows[i] for i in present]).astype(np.float32, copy=False))
+    for i, scores in zip(present, _head_set(json.dumps(heads, sort_keys=True), mat.shape[1]).rows(mat), strict=True):
+        out[i] = scores
+    return out
+
+
+def _scores_json(scores: list[dict[str, float] | None]) -> list[str | None]:
+    return [json.dumps(s, sort_keys=True) if s is not None else None for s in scores]
 
 
 # ---- one worker: the reference rule ---------------------------------------------------------------------
-def decide(keys: list[str], emb: pa.Table, f) -> dict[str, Decision]:
-    """key -> (status, reason, clip) for every key of ``keys`` (all in ``emb``), the whole pool in memory."""
+def decide(keys: list[str], emb: pa.Table, f, heads: dict[str, dict[str, float] | None] | None = None,
+           ) -> dict[str, Decision]:
+    """key -> (status, reason, clip) for every key of ``keys`` (all in ``emb``), the whole pool in memory;
+    ``heads``: key -> its quality-head scores (see :func:`head_scores`)."""
+    heads = heads or {}
     by_key = {k: i for i, k in enumerate(emb.column("key").to_pylist())}
     clip_col = emb.column("clip").to_pylist()
     decisions: dict[str, Decision] = {}
@@ -82,7 +116,7 @@ def decide(keys: list[str], emb: pa.Table, f) -> dict[str, Decision]:
             continue
         if _finite(rec.clip):
             scores[key] = rec.clip
-        reason = _row_reason(rec, f)
+        reason = _row_reason(rec, f, heads.get(key))
         decisions[key] = ("rejected", reason, rec.clip) if reason else ("kept", None, rec.clip)
         if not reason:
             candidates.append(key)
@@ -105,11 +139,16 @@ def decide(keys: list[str], emb: pa.Table, f) -> dict[str, Decision]:
     return decisions
 
 
-def _row_reason(rec: Candidate, f) -> str | None:
+def _row_reason(rec: Candidate, f, scores: dict[str, float] | None = None) -> str | None:
+    """The per-row rules of both paths: basic checks, ``min_clip``, then ``min_scores``/``max_scores``."""
+    from pipeline.stages import score_reasons
+
     reason = basic_reason(rec, min_side=f.min_side, max_aspect=f.max_aspect,
                           min_caption_chars=f.min_caption_chars, max_caption_chars=f.max_caption_chars)
     if reason is None and f.min_clip is not None and (rec.clip is None or rec.clip < f.min_clip):
         reason = "no caption to score" if rec.clip is None else f"clip {rec.clip:.4f} < min_clip {f.min_clip}"
+    if reason is None:
+        reason = "; ".join(score_reasons(scores, f.min_scores, f.max_scores)) or None
     return reason
 
 
@@ -167,23 +206,28 @@ def _conform_emb(table: pa.Table) -> pa.Table:
     return table.select(EMB_SCHEMA.names).cast(EMB_SCHEMA)
 
 
-def _decide_whole(batch: pa.Table, url: str, files: tuple[str, ...], rules: dict[str, Any]) -> pa.Table:
+def _decide_whole(batch: pa.Table, url: str, files: tuple[str, ...], rules: dict[str, Any],
+                  heads: dict[str, dict] | None = None) -> pa.Table:
     from pipeline.curate import CurateFilter
 
     keys = batch.column("key").to_pylist()
     emb = _read_embeddings(url, files, batch.column("key"))
-    decisions = decide(keys, emb, CurateFilter.model_validate(rules))
-    captions = dict(zip(emb.column("key").to_pylist(), emb.column("caption").to_pylist(), strict=True))
+    emb_keys = emb.column("key").to_pylist()
+    vectors = [np.asarray(v, dtype=np.float32) if v is not None else None for v in emb.column("image_emb").to_pylist()]
+    scores = dict(zip(emb_keys, head_scores(heads or {}, vectors), strict=True))
+    decisions = decide(keys, emb, CurateFilter.model_validate(rules), scores)
+    captions = dict(zip(emb_keys, emb.column("caption").to_pylist(), strict=True))
     status, reason, clip = zip(*(decisions[k] for k in keys), strict=True) if keys else ((), (), ())
-    return _decided(batch, list(status), list(reason), list(clip), [captions.get(k) for k in keys])
+    return _decided(batch, list(status), list(reason), list(clip), [captions.get(k) for k in keys],
+                    _scores_json([scores.get(k) if s != "failed" else None for k, s in zip(keys, status, strict=True)]))
 
 
-def _decided(batch: pa.Table, status: list, reason: list, clip: list, prompt: list) -> pa.Table:
+def _decided(batch: pa.Table, status: list, reason: list, clip: list, prompt: list, scores: list) -> pa.Table:
     meta = [json.dumps({"source": posixpath.basename(u), "members": sorted(json.loads(m))})
             for u, m in zip(batch.column("url").to_pylist(), batch.column("members").to_pylist(), strict=True)]
     columns = [batch.column(c) for c in PLAN_COLUMNS] + [
         pa.array(status, pa.string()), pa.array(reason, pa.string()), pa.array(clip, pa.float64()),
-        pa.array(prompt, pa.string()), pa.array(meta, pa.string())]
+        pa.array(prompt, pa.string()), pa.array(meta, pa.string()), pa.array(scores, pa.string())]
     return pa.Table.from_arrays(columns, schema=DECIDED)
 
 
@@ -192,7 +236,7 @@ def _partitions(planned: int) -> int:
     return max(4, min(512, planned // 50_000))
 
 
-def _staged(plan: Dataset, planned: int, emb_store: OutputStore, files: list[str], f) -> Dataset:
+def _staged(plan: Dataset, planned: int, emb_store: OutputStore, files: list[str], f, heads: dict) -> Dataset:
     import ray
 
     from pipeline.resume import arrow_fs
@@ -202,7 +246,8 @@ def _staged(plan: Dataset, planned: int, emb_store: OutputStore, files: list[str
         _for_join, batch_format="pyarrow")
     # The listing's own error column is superseded by the embedding's (the embedder copies it there).
     joined = plan.join(emb, "inner", num_partitions=parts, on=("key",), left_suffix="_listing")
-    rows = joined.map_batches(_row_checks, batch_format="pyarrow", fn_kwargs={"rules": f.model_dump()}).materialize()
+    rows = joined.map_batches(_row_checks, batch_format="pyarrow",
+                              fn_kwargs={"rules": f.model_dump(), "heads": heads}).materialize()
     if f.dedup_exact:
         rows = _exact_stage(rows, parts)
     if f.dedup_threshold is not None:
@@ -228,7 +273,7 @@ def _emb_bytes(column: pa.ChunkedArray) -> pa.Array:
 
 def _for_join(table: pa.Table) -> pa.Table:
     """An embeddings block as the stages carry it: no caption embedding, the image embedding as bytes."""
-    table = _conform_emb(table).drop_columns(["text_emb"])
+    table = _conform_emb(table).drop_columns(["text_emb", "scores"])
     emb = _emb_bytes(table.column("image_emb"))
     return table.drop_columns(["image_emb"]).append_column("emb", emb).combine_chunks()
 
@@ -239,22 +284,29 @@ def _matrix(table: pa.Table) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
 
 
-def _row_checks(batch: pa.Table, rules: dict[str, Any]) -> pa.Table:
-    """Failed inputs, basic checks and ``min_clip``, row by row (what :func:`decide` does first)."""
+def _row_checks(batch: pa.Table, rules: dict[str, Any], heads: dict[str, dict] | None = None) -> pa.Table:
+    """Failed inputs, basic checks, ``min_clip`` and the head scores, row by row (what :func:`decide` does
+    first)."""
     from pipeline.curate import CurateFilter
 
     f = CurateFilter.model_validate(rules)
     status, reason, scored = [], [], []
-    for row in batch.select(["key", "clip", "width", "height", "caption", "error"]).to_pylist():
+    blobs = batch.column("emb").to_pylist()
+    vectors = [np.frombuffer(b, dtype=np.float32) if b is not None else None for b in blobs]
+    head_rows = head_scores(heads or {}, vectors)
+    for row, h in zip(batch.select(["key", "clip", "width", "height", "caption", "error"]).to_pylist(), head_rows,
+                      strict=True):
         rec = Candidate(row["key"], row["clip"], row["width"], row["height"], len(row["caption"] or ""), row["error"])
         if rec.error:
             status.append("failed"), reason.append(rec.error), scored.append(False)
             continue
-        why = _row_reason(rec, f)
+        why = _row_reason(rec, f, h)
         status.append("rejected" if why else "kept"), reason.append(why), scored.append(_finite(rec.clip))
     failed = pc.equal(pa.array(status, pa.string()), "failed")
     clip = pc.if_else(failed, pa.nulls(batch.num_rows, pa.float64()), batch.column("clip"))
-    out = _decided(batch, status, reason, clip.to_pylist(), batch.column("caption").to_pylist())
+    failed_rows = failed.to_pylist()
+    out = _decided(batch, status, reason, clip.to_pylist(), batch.column("caption").to_pylist(),
+                   _scores_json([None if bad else h for h, bad in zip(head_rows, failed_rows, strict=True)]))
     return out.append_column("scored", pa.array(scored, pa.bool_())).append_column(
         "sha1", batch.column("sha1")).append_column("emb", batch.column("emb")).combine_chunks()
 
@@ -332,7 +384,9 @@ def _train_task(refs: list, k: int) -> np.ndarray:
     """k-means centroids from the training sample (one task: the sample is ~64 rows per centroid)."""
     import ray
 
-    table = pa.concat_tables(ray.get(refs)).sort_by("key")  # key order: the sample :func:`decide` trains on
+    # key order: the sample :func:`decide` trains on; blocks that came through the join may carry ``emb`` as
+    # large_binary, others as binary
+    table = pa.concat_tables(ray.get(refs), promote_options="permissive").sort_by("key")
     train = _matrix(table)
     return train_centroids(train, min(k, len(train)), SEED)
 
@@ -388,7 +442,8 @@ def _finish(batch: pa.Table) -> pa.Table:
 
 # ---- counts ------------------------------------------------------------------------------------------------
 RULES = (("failed", None), ("exact_duplicate", "exact duplicate of "), ("near_duplicate", "near-duplicate of "),
-         ("top_fraction", "not in top_fraction"), ("min_clip", "clip "), ("no_caption", "no caption to score"))
+         ("top_fraction", "not in top_fraction"), ("min_clip", "clip "), ("no_caption", "no caption to score"),
+         ("scores", "score_"))
 
 
 def rule_of(status: str, reason: str | None) -> str | None:

@@ -148,7 +148,7 @@ def _repeated_keys(store: OutputStore, paths: list[str]) -> dict[str, tuple[int,
 
     from pipeline.resume import arrow_fs
 
-    ds = ray.data.read_parquet(paths, filesystem=arrow_fs(store.fs), include_paths=True)
+    ds = ray.data.read_parquet(paths, filesystem=arrow_fs(store.fs), include_paths=True, columns=["key"])
     ds = ds.select_columns(["key", "path"])
     repeated = {r["key"] for r in ds.groupby("key").aggregate(Count()).filter(fn=lambda r: r["count()"] > 1)
                 .take_all()}

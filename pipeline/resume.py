@@ -94,7 +94,7 @@ def todo_dataset(plan: Dataset, store, index_files: list[str], rows_per_file: in
                                 fn_kwargs=_lookup_args(store, index_files) | {"column": column})
     import ray
 
-    keys = ray.data.read_parquet(index_files, filesystem=arrow_fs(store.fs)).select_columns(["key"])
+    keys = ray.data.read_parquet(index_files, filesystem=arrow_fs(store.fs), columns=["key"])
     return plan.join(keys, "left_anti", num_partitions=join_partitions(len(index_files)), on=("key",))
 
 
@@ -111,7 +111,7 @@ def status_totals(plan: Dataset, store, index_files: list[str], rows_per_file: i
         return totals
     import ray
 
-    index = ray.data.read_parquet(index_files, filesystem=arrow_fs(store.fs)).select_columns(["key", "status"])
+    index = ray.data.read_parquet(index_files, filesystem=arrow_fs(store.fs), columns=["key", "status"])
     joined = keys.join(index, "inner", num_partitions=join_partitions(len(index_files)), on=("key",))
     for row in joined.groupby("status").count().take_all():
         totals[row["status"]] = row["count()"]

@@ -41,6 +41,15 @@ INDEX_COLUMNS = ("key", "status", "reason", "shard", "shard_size", "prompt", "co
                  "style_offset", "style_size")
 _OWN_FIELDS = {"shard": pa.field("shard", pa.string()), "shard_size": pa.field("shard_size", pa.int64())}
 INDEX_SCHEMA = pa.schema([_OWN_FIELDS.get(name) or ROW_SCHEMA.field(name) for name in INDEX_COLUMNS])
+# Quality heads (scoring.heads) add one float64 column ``score_<name>`` each, after the fixed columns; an index
+# file written without heads has exactly INDEX_SCHEMA.
+SCORE_PREFIX = "score_"
+
+
+def _field(name: str) -> pa.Field:
+    if name.startswith(SCORE_PREFIX) and name not in INDEX_SCHEMA.names:
+        return pa.field(name, pa.float64())
+    return INDEX_SCHEMA.field(name)
 
 TAR_MTIME = 0  # fixed member times: the same samples always give the same tar bytes
 
@@ -110,9 +119,9 @@ class OutputStore:
         """All index rows; a damaged file raises :class:`DamagedFile`, or is skipped with a warning."""
         tables = [_conform(t, columns) for t in self._read_each(self.index_files(), columns, skip_damaged)]
         if not tables:
-            schema = INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
+            schema = INDEX_SCHEMA if columns is None else pa.schema([_field(c) for c in columns])
             return schema.empty_table()
-        return pa.concat_tables(tables)
+        return pa.concat_tables(tables, promote_options="default")  # score_<head> columns absent in some files
 
     def _read_each(self, paths: list[str], columns: list[str] | None, skip_damaged: bool) -> list[pa.Table]:
         tables = []
@@ -256,8 +265,12 @@ class DamagedFile(OSError):
 
 
 def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
-    """An index table in today's schema: files written before a column existed get it as nulls."""
-    schema = INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
+    """An index table in today's schema: files written before a column existed get it as nulls. Reading all
+    columns keeps the file's ``score_<head>`` columns too."""
+    if columns is None:
+        columns = list(INDEX_SCHEMA.names) + sorted(c for c in table.column_names if c.startswith(SCORE_PREFIX)
+                                                     and c not in INDEX_SCHEMA.names)
+    schema = pa.schema([_field(c) for c in columns])
     for field in schema:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
@@ -310,6 +323,7 @@ def to_sample(row: dict[str, Any], output: OutputConfig) -> dict[str, bytes | st
         "clip_style": row["clip_style"],
         "operator": json.loads(row["meta"]) if row.get("meta") else None,
     }
+    meta.update(head_scores(row))
     sample: dict[str, bytes | str] = {
         "__key__": row["key"],
         ext: row["image"],
@@ -324,13 +338,22 @@ def to_sample(row: dict[str, Any], output: OutputConfig) -> dict[str, bytes | st
     return sample
 
 
+def head_scores(row: dict[str, Any]) -> dict[str, float]:
+    """``{score_<head>: value}`` of a row's quality heads (its ``scores`` JSON); empty without heads."""
+    raw = row.get("scores")
+    return {f"{SCORE_PREFIX}{k}": v for k, v in sorted(json.loads(raw).items())} if raw else {}
+
+
 def index_rows(rows: list[dict[str, Any]], shard: str | None) -> pa.Table:
     out = []
     for row in rows:
         record = {name: row.get(name) for name in INDEX_SCHEMA.names}
         record["shard"] = shard if row["status"] == "kept" else None
+        record.update(head_scores(row))
         out.append(record)
-    return pa.Table.from_pylist(out, schema=INDEX_SCHEMA)
+    extra = sorted({c for r in out for c in r} - set(INDEX_SCHEMA.names))
+    schema = pa.schema(list(INDEX_SCHEMA) + [_field(c) for c in extra])
+    return pa.Table.from_pylist(out, schema=schema)
 
 
 def commit_rows(store: OutputStore, rows: list[dict[str, Any]], output: OutputConfig,

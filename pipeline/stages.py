@@ -52,6 +52,7 @@ ROW_SCHEMA = pa.schema(
         ("meta", pa.string()),
         ("clip_content", pa.float64()),
         ("clip_style", pa.float64()),
+        ("scores", pa.string()),  # JSON {head: score} of scoring.heads; null without heads (index: score_<head>)
         ("worker", pa.string()),
     ]
 )
@@ -253,14 +254,17 @@ def prompt_meta(prompt: str | None) -> dict[str, Any]:
 
 
 class Scorer:
-    """Actor: CLIP content and style scores, then the filter thresholds."""
+    """Actor: CLIP content and style scores and the quality heads (on the same output embedding), then the
+    filter thresholds."""
 
     def __init__(self, scoring: dict[str, Any], filter: dict[str, Any], include_inputs: bool = False):
         from operators.clip_score import ClipScorer
+        from operators.heads import HeadSet
 
         self.include_inputs = include_inputs
         self.device = pick_device(float(scoring.get("num_gpus") or 0))
         self.scorer = ClipScorer(scoring["clip_model"], scoring["clip_pretrained"], device=self.device)
+        self.heads = HeadSet(scoring.get("heads") or {}, self.scorer.embed_dim, device=self.device)
         self.filter = FilterConfig.model_validate(filter)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -269,10 +273,13 @@ class Scorer:
         if todo:
             outputs = [open_rgb(r["image"]) for r in todo]
             styles = [(r["style_id"], open_rgb(r["style_bytes"])) for r in todo]
-            content, style = self.scorer.score(outputs, [r["prompt"] for r in todo], styles)
-            for row, c, s in zip(todo, content, style, strict=True):
+            emb = self.scorer.embed_images(outputs)
+            content, style = self.scorer.score_embedded(emb, [r["prompt"] for r in todo], styles)
+            heads = self.heads.rows(emb) if self.heads else [None] * len(todo)
+            for row, c, s, h in zip(todo, content, style, heads, strict=True):
                 row["clip_content"], row["clip_style"] = c, s
-                apply_filter(row, self.filter)
+                row["scores"] = json.dumps(h, sort_keys=True) if h is not None else None
+                apply_filter(row, self.filter, h)
         for row in rows:
             if not row.get("status"):
                 row["status"] = KEPT
@@ -281,7 +288,23 @@ class Scorer:
         return to_table(rows)
 
 
-def apply_filter(row: dict[str, Any], cfg: FilterConfig) -> None:
+def score_reasons(scores: dict[str, float] | None, min_scores: dict[str, float],
+                  max_scores: dict[str, float]) -> list[str]:
+    """Why head scores miss ``min_scores``/``max_scores`` (a non-finite score always does); shared by ``run``
+    and both decision paths of ``filter``."""
+    reasons = []
+    for name, value in sorted((scores or {}).items()):
+        lo, hi = min_scores.get(name), max_scores.get(name)
+        if not math.isfinite(value):
+            reasons.append(f"score_{name} is not finite")
+        elif lo is not None and value < lo:
+            reasons.append(f"score_{name} {value:.4f} < min_scores.{name} {lo}")
+        elif hi is not None and value > hi:
+            reasons.append(f"score_{name} {value:.4f} > max_scores.{name} {hi}")
+    return reasons
+
+
+def apply_filter(row: dict[str, Any], cfg: FilterConfig, scores: dict[str, float] | None = None) -> None:
     """Mark a scored row ``rejected`` with the reason when it misses a threshold, else ``kept``."""
     reasons = []
     c, s = row.get("clip_content"), row.get("clip_style")
@@ -292,5 +315,6 @@ def apply_filter(row: dict[str, Any], cfg: FilterConfig) -> None:
     for name, value in (("clip_content", c), ("clip_style", s)):
         if value is not None and not math.isfinite(value):
             reasons.append(f"{name} is not finite")
+    reasons += score_reasons(scores, cfg.min_scores, cfg.max_scores)
     row["status"] = REJECTED if reasons else KEPT
     row["reason"] = "; ".join(reasons) or None

@@ -147,3 +147,36 @@ def test_shipped_configs_validate(config):
     proc = stylegen("validate", f"configs/{config}")
     assert proc.returncode == 0, proc.stderr
     assert "planned=" in proc.stdout
+
+
+def test_validate_accepts_filter_configs_and_convert_head(tmp_path):
+    """Filter configs are told apart by their keys or ``kind: filter``; validate prints planned=N for them."""
+    import torch
+    from PIL import Image
+
+    from tests.unit_helpers import png_bytes, wds_tar
+
+    for t in range(2):
+        wds_tar(tmp_path / f"part-{t}.tar", {f"s{i}": {"png": png_bytes(Image.new("RGB", (8, 8), (i, t, 0))),
+                                                       "txt": b"a square"} for i in range(3 + t)})
+    head = torch.nn.Linear(64, 1)
+    torch.save(head.state_dict(), tmp_path / "linear.pth")
+    converted = stylegen("models", "convert-head", str(tmp_path / "linear.pth"), str(tmp_path / "q.safetensors"))
+    assert converted.returncode == 0 and "64 -> 1" in converted.stdout, converted.stderr
+    cfg = {"input": {"shards": str(tmp_path / "part-*.tar")}, "output": {"path": str(tmp_path / "out")},
+           "scoring": {"clip_model": "tiny:clip", "heads": {"quality": {"weights": str(tmp_path / "q.safetensors")},
+                                                             "aesthetic": {"weights": "tiny"}}},
+           "filter": {"min_scores": {"quality": 0.1}, "max_scores": {"aesthetic": 9}}}
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "k.yaml").write_text(yaml.safe_dump({"kind": "filter", **cfg}))
+    for name in ("f.yaml", "k.yaml"):
+        proc = stylegen("validate", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().endswith("valid filter config; planned=7"), proc.stdout
+    assert not (tmp_path / "out").exists()
+    assert_one_line_error(stylegen("validate", str(tmp_path / "f.yaml"), "--set", "filter.min_scores.nsfw=0.5"),
+                          "filter.min_scores.nsfw: no such head in scoring.heads (aesthetic, quality)")
+    assert_one_line_error(stylegen("validate", str(tmp_path / "f.yaml"), "--set", "input.shards=/nowhere/*.tar"),
+                          "input.shards")
+    assert_one_line_error(stylegen("models", "convert-head", str(tmp_path / "nope.pth"),
+                                   str(tmp_path / "x.safetensors")), "nope.pth: not found")

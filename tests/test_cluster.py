@@ -90,3 +90,46 @@ def test_two_gpus_two_stylize_actors_on_distinct_gpu_ids(tmp_path):
         w = json.loads(r["meta"])["worker"]
         by_pid[w["pid"]] = w["gpu"]
     assert sorted(by_pid.values()) == ["0", "1"], by_pid  # two actors, one GPU each, distinct ids
+
+
+def test_submit_wait_filter_config_and_missing_dependency_probe(tmp_path, samples):
+    """A filter config (with quality heads) submitted to the two-node cluster; then the same job on a cluster
+    whose ``python`` is a bare interpreter fails on its first line with the one-line explanation."""
+    import yaml
+    from PIL import Image
+
+    from tests.unit_helpers import png_bytes, wds_tar
+
+    images = sorted((samples / "content").iterdir())[:6]
+    for t in range(2):
+        wds_tar(tmp_path / f"part-{t}.tar", {f"s{i}": {"jpg": p.read_bytes(), "txt": f"picture {i}".encode()}
+                                             for i, p in enumerate(images) if i % 2 == t})
+    wds_tar(tmp_path / "part-2.tar", {"tiny": {"png": png_bytes(Image.new("RGB", (8, 8))), "txt": b"tiny"}})
+    config = tmp_path / "filter.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"shards": str(tmp_path / "part-*.tar")}, "output": {"path": str(tmp_path / "out")},
+        "scoring": {"clip_model": "tiny:clip", "heads": {"aesthetic": {"weights": "tiny"}}},
+        "filter": {"min_side": 16}}))
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    with local_cluster(nodes=2, gpus_per_node=0) as cluster:
+        args = [sys.executable, "-m", "jobs.cli", "submit", str(config), "--address", cluster["dashboard"], "--wait"]
+        proc = subprocess.run(args, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "SUCCEEDED" in proc.stdout and "planned=7 kept=6 rejected=1 failed=0 skipped=0" in proc.stdout
+
+        no_deps = subprocess.run([*args, "--set", f"output.path={tmp_path / 'out2'}", "--set",
+                                  f"ray.runtime_env={{env_vars: {{PATH: '{bare / 'bin'}:/usr/bin:/bin'}}}}"],
+                                 cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
+        assert no_deps.returncode == 1 and "FAILED" in no_deps.stdout, no_deps.stdout[-3000:] + no_deps.stderr
+        assert "Traceback" not in no_deps.stdout, no_deps.stdout[-3000:]
+        lines = [ln for ln in no_deps.stdout.splitlines() if ln.startswith("error: ")]
+        assert len(lines) == 1 and f"{bare}/bin/python" in lines[0] and "cannot import torch" in lines[0], lines
+        assert "--ship-deps" in lines[0]
+    from pipeline.config import load_config
+    from pipeline.curate import _index_tars, list_inputs
+
+    planned = {r["key"] for r in _index_tars(list_inputs(load_config(config, schema="auto")))}
+    rows = check_invariants(str(tmp_path / "out"), planned)
+    assert len(rows) == 7 and all(r["score_aesthetic"] is not None for r in rows)
+    assert not (tmp_path / "out2").exists()

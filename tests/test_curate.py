@@ -186,3 +186,64 @@ def test_input_tars_are_indexed_by_ray_tasks(ray_local, samples, tmp_path):
     (tmp_path / "corpus-1.tar").write_bytes(b"not a tar" * 300)
     with pytest.raises(SourceError, match=r"^input.shards: cannot read .*corpus-1.tar \(ReadError"):
         index_inputs(jobs)
+
+
+HEADS = {"aesthetic": {"weights": "tiny"}, "nsfw": {"weights": "tiny"}}
+
+
+def _heads_cfg(tmp: Path, out: str, **filters) -> FilterRunConfig:
+    emb = filters.pop("embeddings", None)
+    return validate_config({
+        "input": {"shards": str(tmp / "corpus-{0..2}.tar")},
+        "output": {"path": str(tmp / out), "samples_per_shard": 4},
+        "scoring": {"clip_model": "tiny:clip", "batch_size": 8, "heads": HEADS},
+        "filter": filters,
+        **({"embeddings": {"path": emb}} if emb else {}),
+    }, schema=FilterRunConfig)
+
+
+@pytest.mark.slow
+def test_filter_quality_heads_from_persisted_embeddings(ray_local, samples, tmp_path, monkeypatch):
+    from pipeline import curate_decide
+    from pipeline.sink import OutputStore
+
+    _shards(tmp_path, samples)
+    curate(_heads_cfg(tmp_path, "scored"), quiet=True)
+    rows = read_index(str(tmp_path / "scored"))
+    assert len(rows) == 23 and all(np.isfinite(r["score_aesthetic"]) and 0 <= r["score_nsfw"] <= 1 for r in rows)
+    emb = pq.read_table(tmp_path / "scored" / "embeddings").to_pylist()
+    persisted = {e["key"]: json.loads(e["scores"]) for e in emb}  # stored with the embeddings
+    assert all(persisted[r["key"]]["aesthetic"] == pytest.approx(r["score_aesthetic"], abs=1e-5) for r in rows)
+
+    # Re-filter through the persisted embeddings with a head threshold at the median: half kept, no CLIP work.
+    median = float(np.median([r["score_aesthetic"] for r in rows]))
+    store = str(tmp_path / "scored" / "embeddings")
+    cfg = _heads_cfg(tmp_path, "median", min_scores={"aesthetic": median}, embeddings=store)
+    summary = curate(cfg, quiet=True)
+    run_json = json.loads((tmp_path / "median" / "run.json").read_text())
+    assert run_json["counters"] == {"clip_images_encoded": 0, "embeddings_reused": 23}
+    assert summary.kept == 12 and run_json["removed_by"]["scores"] == 11  # 23 distinct scores: the median is one
+    got = {r["key"]: r for r in check_invariants(str(tmp_path / "median"), {r["key"] for r in rows})}
+    for r in got.values():
+        assert (r["status"] == "kept") == (r["score_aesthetic"] >= median)
+        if r["status"] == "rejected":
+            assert r["reason"].startswith("score_aesthetic ") and f"< min_scores.aesthetic {median}" in r["reason"]
+
+    # The staged path (pools over SMALL_POOL) applies the same rules: the same decisions and scores.
+    monkeypatch.setattr(curate_decide, "SMALL_POOL", 0)
+    both = {"min_scores": {"aesthetic": median}, "max_scores": {"nsfw": float(np.median([r["score_nsfw"]
+                                                                                        for r in rows]))}}
+    one_cfg = _heads_cfg(tmp_path, "x", embeddings=store, **both)
+    plan = index_inputs(list_inputs(one_cfg))
+    staged = curate_decide.decisions_dataset(plan, 23, OutputStore(store), one_cfg.filter.model_dump(),
+                                             one_cfg.scoring.heads_dump()).take_all()
+    monkeypatch.setattr(curate_decide, "SMALL_POOL", 10**9)
+    whole = curate_decide.decisions_dataset(plan, 23, OutputStore(store), one_cfg.filter.model_dump(),
+                                            one_cfg.scoring.heads_dump()).take_all()
+
+    def by_key(decided):
+        return {r["key"]: (r["status"], r["reason"], r["clip_content"], json.loads(r["scores"] or "null"))
+                for r in decided}
+
+    assert by_key(staged) == by_key(whole)
+    assert any("max_scores.nsfw" in (r["reason"] or "") for r in whole)

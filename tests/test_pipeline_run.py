@@ -149,3 +149,33 @@ def test_bad_inputs_fail_alone_and_filters_reject(ray_local, samples, tmp_path):
             assert "min_style" in r["reason"] and r["clip_style"] < 0.999999
     # Thresholds can only reject; a failed run of the same config resumes to the same index.
     assert len(read_index(str(out))) == 5
+
+
+def test_quality_heads_score_every_row_and_min_scores_at_the_median_keeps_half(ray_local, samples, tmp_path):
+    import numpy as np
+
+    from pipeline.sink import OutputStore
+
+    heads = {"heads": {"aesthetic": {"weights": "tiny"}, "nsfw": {"weights": "tiny"}}}
+    content = {"images": str(samples / "content"), "prompts": str(samples / "prompts.txt")}
+    cfg = make_config(tmp_path / "all", content, str(samples / "style"), pairing={"limit": 8}, scoring=heads)
+    planned = {s.key for s in build_plan(cfg)}
+    assert run(cfg, quiet=True).kept == 8
+    rows = check_invariants(str(tmp_path / "all"), planned)
+    assert all(np.isfinite(r["score_aesthetic"]) and 0 <= r["score_nsfw"] <= 1 for r in rows)
+    for tar in (tmp_path / "all" / "shards").glob("*.tar"):  # the sample's json carries the scores too
+        for s in wds.WebDataset(str(tar), shardshuffle=False):
+            meta = json.loads(s["json"])
+            row = next(r for r in rows if r["key"] == s["__key__"])
+            assert meta["score_aesthetic"] == row["score_aesthetic"] and meta["score_nsfw"] == row["score_nsfw"]
+    full = OutputStore(str(tmp_path / "all")).read_index()  # the store's reader keeps the head columns
+    assert {"score_aesthetic", "score_nsfw"} <= set(full.column_names) and full.num_rows == 8
+
+    median = float(np.median([r["score_aesthetic"] for r in rows]))
+    half = make_config(tmp_path / "half", content, str(samples / "style"), pairing={"limit": 8}, scoring=heads,
+                       filter={"min_scores": {"aesthetic": median}})
+    assert run(half, quiet=True).kept == 4
+    for r in check_invariants(str(tmp_path / "half"), planned):
+        assert (r["status"] == "kept") == (r["score_aesthetic"] >= median), r
+        if r["status"] == "rejected":
+            assert f"< min_scores.aesthetic {median}" in r["reason"]
