@@ -63,7 +63,9 @@ def kind(config) -> str:
 
 
 def submission_base(config, ship_deps: str | None = None) -> str:
-    what = config.model_dump(mode="json") | ({"ship_deps": ship_deps} if ship_deps else {})
+    """The job id stem of ``config``: what the user set, so that a release adding a config key with a default
+    does not change the id of an unchanged config (a resubmission finds its running job instead of racing it)."""
+    what = config.model_dump(mode="json", exclude_defaults=True) | ({"ship_deps": ship_deps} if ship_deps else {})
     blob = json.dumps(what, sort_keys=True)
     return "stylegen-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
 

@@ -176,6 +176,26 @@ def test_runtime_env_merges_the_configs_and_ships_pinned_deps():
                                                                  "output": {"path": "/out"}}))
 
 
+def test_submission_id_depends_only_on_what_the_config_sets():
+    """A key left at its default (or one a later release adds with a default) keeps the job id, so a resubmission
+    finds its running job instead of starting a second writer; a changed value or --ship-deps changes it."""
+    from jobs import submit
+    from pipeline.curate import FilterRunConfig
+
+    base = {"input": {"shards": "/in/*.tar"}, "output": {"path": "/out"}}
+    plain = FilterRunConfig.model_validate(base)
+    explicit = FilterRunConfig.model_validate({**base, "ray": {"wait_for_actors_s": 600}})
+    other = FilterRunConfig.model_validate({**base, "ray": {"wait_for_actors_s": 601}})
+    assert submit.submission_base(plain) == submit.submission_base(explicit)
+
+    class Upgraded(FilterRunConfig):  # the next release adds a key with a default
+        future_key: int = 3
+
+    assert submit.submission_base(Upgraded.model_validate(base)) == submit.submission_base(plain)
+    assert submit.submission_base(plain) != submit.submission_base(other)
+    assert submit.submission_base(plain) != submit.submission_base(plain, ship_deps="pip")
+
+
 def test_dependency_probe_prints_one_line_naming_the_missing_module():
     ok = subprocess.run([sys.executable, "-m", "jobs.depcheck", "json", "yaml"], cwd=REPO, capture_output=True,
                         text=True, timeout=60)
