@@ -80,8 +80,10 @@ def test_s3_lease_lost_to_another_writer_stops_the_holder(s3_env):
     url = f"s3://{s3_env['bucket']}/lost"
     lease = Lease(url, ttl_s=2).acquire()
     s3_env["fs"].pipe_file(f"{s3_env['bucket']}/lost/_lease", b'{"host": "other", "pid": 1}')
-    with pytest.raises(KeyboardInterrupt):
-        time.sleep(10)  # the heartbeat's If-Match fails and interrupts the main thread
+    with pytest.raises(KeyboardInterrupt):  # the heartbeat's If-Match fails and interrupts the main thread
+        deadline = time.monotonic() + 60  # short sleeps: the interrupt is taken between them, even on a busy CI
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
     assert lease.lost and "lost the writer lease" in lease.lost
     lease.release()
 
