@@ -56,19 +56,6 @@ def test_submit_wait_on_two_node_cluster_uses_both_gpus(tmp_path):
     assert all(gpu is not None for _, gpu in workers), workers
 
 
-def test_submit_rejects_relative_output_and_failing_job_exits_nonzero(tmp_path):
-    with local_cluster(nodes=1, gpus_per_node=0) as cluster:
-        base = [sys.executable, "-m", "jobs.cli", "submit", "configs/demo.yaml", "--address", cluster["dashboard"]]
-        rel = subprocess.run(base, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=60)
-        assert rel.returncode == 2 and "output.path" in rel.stderr, rel.stderr
-        # A job that cannot run (asks for a GPU the cluster does not have would hang; a bad model fails fast).
-        bad = subprocess.run([*base, "--wait", "--set", f"output.path={tmp_path / 'o'}", "--set",
-                              "scoring.clip_model=no-such-clip-model"],
-                             cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
-        assert "FAILED" in bad.stdout
-
-
 def test_two_gpus_two_stylize_actors_on_distinct_gpu_ids(tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
@@ -92,7 +79,27 @@ def test_two_gpus_two_stylize_actors_on_distinct_gpu_ids(tmp_path):
     assert sorted(by_pid.values()) == ["0", "1"], by_pid  # two actors, one GPU each, distinct ids
 
 
-def test_submit_wait_filter_config_and_missing_dependency_probe(tmp_path, samples):
+@pytest.fixture(scope="module")
+def cpu_cluster():
+    """One two-node CPU cluster for the tests that need no GPU (a cluster start costs ~20 s)."""
+    with local_cluster(nodes=2, gpus_per_node=0) as cluster:
+        yield cluster
+
+
+def test_submit_rejects_relative_output_and_failing_job_exits_nonzero(tmp_path, cpu_cluster):
+    cluster = cpu_cluster
+    base = [sys.executable, "-m", "jobs.cli", "submit", "configs/demo.yaml", "--address", cluster["dashboard"]]
+    rel = subprocess.run(base, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=60)
+    assert rel.returncode == 2 and "output.path" in rel.stderr, rel.stderr
+    # A job that cannot run (asks for a GPU the cluster does not have would hang; a bad model fails fast).
+    bad = subprocess.run([*base, "--wait", "--set", f"output.path={tmp_path / 'o'}", "--set",
+                          "scoring.clip_model=no-such-clip-model"],
+                         cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert "FAILED" in bad.stdout
+
+
+def test_submit_wait_filter_config_and_missing_dependency_probe(tmp_path, samples, cpu_cluster):
     """A filter config (with quality heads) submitted to the two-node cluster; then the same job on a cluster
     whose ``python`` is a bare interpreter fails on its first line with the one-line explanation."""
     import yaml
@@ -112,20 +119,20 @@ def test_submit_wait_filter_config_and_missing_dependency_probe(tmp_path, sample
         "filter": {"min_side": 16}}))
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
-    with local_cluster(nodes=2, gpus_per_node=0) as cluster:
-        args = [sys.executable, "-m", "jobs.cli", "submit", str(config), "--address", cluster["dashboard"], "--wait"]
-        proc = subprocess.run(args, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "SUCCEEDED" in proc.stdout and "planned=7 kept=6 rejected=1 failed=0 skipped=0" in proc.stdout
+    cluster = cpu_cluster
+    args = [sys.executable, "-m", "jobs.cli", "submit", str(config), "--address", cluster["dashboard"], "--wait"]
+    proc = subprocess.run(args, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout and "planned=7 kept=6 rejected=1 failed=0 skipped=0" in proc.stdout
 
-        no_deps = subprocess.run([*args, "--set", f"output.path={tmp_path / 'out2'}", "--set",
-                                  f"ray.runtime_env={{env_vars: {{PATH: '{bare / 'bin'}:/usr/bin:/bin'}}}}"],
-                                 cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
-        assert no_deps.returncode == 1 and "FAILED" in no_deps.stdout, no_deps.stdout[-3000:] + no_deps.stderr
-        assert "Traceback" not in no_deps.stdout, no_deps.stdout[-3000:]
-        lines = [ln for ln in no_deps.stdout.splitlines() if ln.startswith("error: ")]
-        assert len(lines) == 1 and f"{bare}/bin/python" in lines[0] and "cannot import torch" in lines[0], lines
-        assert "--ship-deps" in lines[0]
+    no_deps = subprocess.run([*args, "--set", f"output.path={tmp_path / 'out2'}", "--set",
+                              f"ray.runtime_env={{env_vars: {{PATH: '{bare / 'bin'}:/usr/bin:/bin'}}}}"],
+                             cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    assert no_deps.returncode == 1 and "FAILED" in no_deps.stdout, no_deps.stdout[-3000:] + no_deps.stderr
+    assert "Traceback" not in no_deps.stdout, no_deps.stdout[-3000:]
+    lines = [ln for ln in no_deps.stdout.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and f"{bare}/bin/python" in lines[0] and "cannot import torch" in lines[0], lines
+    assert "--ship-deps" in lines[0]
     from pipeline.config import load_config
     from pipeline.curate import _index_tars, list_inputs
 
