@@ -16,6 +16,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -182,7 +183,12 @@ class Lease:
         """Another writer may now write here: stop this run rather than write beside it."""
         self.lost = why
         log.error("%s; stopping", why)
-        _thread.interrupt_main()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the CLI handles both; a bare process SIGINT
+            if callable(signal.getsignal(sig)):
+                _thread.interrupt_main(sig)
+                return
+        # No Python handler: SIGINT is ignored in a background job (`cmd &`) and interrupt_main would do nothing.
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _read_body(body) -> bytes:
