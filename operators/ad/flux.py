@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from operators.ad.losses import concat_style_kv
 from operators.ad.model import DTYPES
 from operators.attention import flux_joint_qkv
 from operators.models import TINY_PREFIX, looks_local, resolve_model
@@ -134,13 +135,6 @@ def ad_loss_fast(tap: FluxTap, ref_k, ref_v):
                                                  rv.expand(q.shape[0], -1, -1, -1))
         terms.append((o.float() - ref.float()).abs().mean())
     return sum(terms), terms
-
-
-def _join_styles(x: torch.Tensor) -> torch.Tensor:
-    """``(S, h, L, d)`` per-style K or V of one batched pass -> ``(1, h, S*L, d)``, style-major as the reference's
-    concatenation of per-style passes."""
-    styles, heads, tokens, dim = x.shape
-    return x.transpose(0, 1).reshape(1, heads, styles * tokens, dim)
 
 
 def ad_loss(tap: FluxTap, ref_k, ref_v):
@@ -328,7 +322,9 @@ def _style_kv(forward, style_, t_next, null_guidance, null, tap, fast):
         if fast:
             forward(style_, t_next / 1000, null_guidance.expand(styles), null_pooled.expand(styles, -1),
                     null_embeds.expand(styles, -1, -1), null_text_ids, style_ids)
-            return [_join_styles(k) for k in tap.k], [_join_styles(v) for v in tap.v]
+            # (S, h, L, d) per layer -> (1, h, S*L, d), style-major as the reference's per-style concatenation
+            joined = [concat_style_kv(k, v) for k, v in zip(tap.k, tap.v, strict=True)]
+            return [k for k, _ in joined], [v for _, v in joined]
         ks, vs = [], []
         for one in style_.split(1):
             forward(one, t_next / 1000, null_guidance, null_pooled, null_embeds, null_text_ids, style_ids)
