@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.shared_data import samples_dir
+from tests.data_paths import samples_dir
 
 
 @pytest.fixture(scope="session")
 def samples() -> Path:
-    try:
-        return samples_dir()
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc))
+    return samples_dir()
 
 
 @pytest.fixture(scope="session", autouse=True)

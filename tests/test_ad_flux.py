@@ -1,30 +1,23 @@
-"""FLUX Attention Distillation vs. the authors' golden outputs (shared/fixtures/ad-reference-flux).
+"""FLUX Attention Distillation vs. the authors' golden outputs (tests/data/fixtures/ad-reference-flux).
 
 Every case of the fixture is rerun under its protocol (fp32, one thread, deterministic algorithms, a CPU generator
-seeded with the case seed) and compared with the stored tensors: ``latents``, ``image`` and ``grad0`` with
-``torch.equal`` (the fixture README: no tolerance on latents, Adam's first step is about ``lr * sign(grad)``), the
-loss values to atol 1e-8, and the step-by-step trace exactly, so a failure names the first diverging stage.
+seeded with the case seed) and every stored tensor is compared within the cross-CPU bounds of ``tests/golden.py``:
+the inputs (draws, text embeddings, VAE) and the first AD iteration's loss and gradient tightly, the step-by-step
+trace, the losses and the result by each case's bound, the image by pixels, the integer ids exactly. On the CPU
+that made the fixtures this reproduces them bit for bit; elsewhere the first AD steps amplify rounding (Adam's
+first step is about ``lr * sign(grad)``), which is what the bounds allow for and no more
+(``test_bounds_fail_a_wrong_method``). Exact equality is kept for comparisons inside this process.
 """
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.shared_data import fixture_protocol, fixtures_dir
+from tests import golden as g
+from tests.data_paths import fixture_protocol
 
-FIXTURES = fixtures_dir() / "ad-reference-flux"
-CASES = json.loads((FIXTURES / "cases.json").read_text())["cases"]
-
-EXACT = ("latents", "image", "grad0")
-LOSSES = ("loss0", "losses", "layer_losses")
-TRACE = ("init_latents", "style_latent", "null_embeds", "null_pooled_embeds", "prompt_embeds",
-         "pooled_prompt_embeds", "latent_image_ids", "style_image_ids", "timesteps", "sigmas", "euler_out",
-         "style_noised", "ad_step_index", "ad_init", "ad_out", "x0")
+CASES = g.FLUX_CASES
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,28 +35,7 @@ def ad_flux():
 
 @pytest.fixture(scope="module")
 def pipe(ad_flux):
-    return ad_flux.load_flux_pipeline(str(FIXTURES / "model"))
-
-
-def _image(rel: str) -> torch.Tensor:
-    array = np.asarray(Image.open(FIXTURES / rel).convert("RGB"), dtype=np.uint8).copy()
-    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
-
-
-def _golden(case: dict) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(FIXTURES / case["file"]))
-
-
-def _run(ad_flux, pipe, case: dict, **kwargs):
-    return ad_flux.flux_ad_sample(
-        pipe, _image(case["style_image"]), case["prompt"], height=case["height"], width=case["width"],
-        steps=case["num_inference_steps"], lr=case["lr"], iters=case["iters"], layers=tuple(case["layers"]),
-        guidance_scale=case["guidance_scale"], start_time=case["start_time"],
-        max_sequence_length=case["max_sequence_length"], generator=torch.Generator().manual_seed(case["seed"]),
-        **kwargs,
-    )
+    return ad_flux.load_flux_pipeline(str(g.FLUX / "model"))
 
 
 def test_every_case_is_covered():
@@ -73,35 +45,41 @@ def test_every_case_is_covered():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_reproduces_golden(ad_flux, pipe, name):
     case = CASES[name]
-    golden = _golden(case)
-    assert torch.equal(_image(case["style_image"]), golden["style_image"])
+    want = g.golden(g.FLUX, case)
+    assert torch.equal(g.image(g.FLUX, case["style_image"]), want["style_image"])
     global_state = torch.get_rng_state()
-    latents, image, trace = _run(ad_flux, pipe, case)
+    latents, image, trace = g.flux_run(ad_flux, pipe, case)
     assert torch.equal(torch.get_rng_state(), global_state), "a draw used the global generator"
-    got = {**trace, "latents": latents, "image": image}
-    for key in TRACE + EXACT:
-        want = golden[key]
-        have = got[key].to(want.dtype)
-        assert have.shape == want.shape, key
-        assert torch.equal(have, want), f"{key}: max |diff| {(have.double() - want.double()).abs().max().item()}"
-    for key in LOSSES:
-        torch.testing.assert_close(got[key], golden[key], atol=1e-8, rtol=0, msg=key)
-    assert set(golden) - {"style_image"} <= set(got)
+    assert g.check_flux(name, latents, image, trace, want) == []
+
+
+def test_bounds_fail_a_wrong_method(ad_flux, pipe, monkeypatch):
+    """The bounds still catch a wrong method: the AD layers shifted by one, or L2 in place of L1."""
+    case = CASES["t2i_params"]
+    want = g.golden(g.FLUX, case)
+    shifted = {**case, "layers": [a + 1 for a in case["layers"]]}
+    failures = g.check_flux("t2i_params", *g.flux_run(ad_flux, pipe, shifted), want)
+    assert {"loss0", "grad0", "latents", "image"} <= {f.split(":")[0] for f in failures}
+    monkeypatch.setattr(ad_flux, "ad_loss", g.l2_instead_of_l1(ad_flux.ad_loss))
+    failures = g.check_flux("t2i_params", *g.flux_run(ad_flux, pipe, case), want)
+    assert {"loss0", "grad0", "latents"} <= {f.split(":")[0] for f in failures}
 
 
 def test_processors_restored(ad_flux, pipe):
     """The tap is scoped to the call: afterwards the transformer has its own processors again."""
     before = {k: type(v) for k, v in pipe.transformer.attn_processors.items()}
-    _run(ad_flux, pipe, CASES["t2i_params"])
+    g.flux_run(ad_flux, pipe, CASES["t2i_params"])
     assert {k: type(v) for k, v in pipe.transformer.attn_processors.items()} == before
     assert not any(isinstance(v, ad_flux.FluxTapProcessor) for v in pipe.transformer.attn_processors.values())
 
 
 def test_gradient_checkpointing_changes_no_bits(ad_flux, pipe):
-    """The authors' notebook runs with gradient checkpointing on; it must not move a bit, and is undone after."""
+    """The authors' notebook runs with gradient checkpointing on; it must not move a bit (against our own run
+    without it, in this process), and is undone after."""
     case = CASES["t2i_basic"]
-    golden = _golden(case)
-    latents, image, trace = _run(ad_flux, pipe, case, gradient_checkpointing=True)
+    plain = g.flux_run(ad_flux, pipe, case)
+    latents, image, trace = g.flux_run(ad_flux, pipe, case, gradient_checkpointing=True)
     assert not pipe.transformer.gradient_checkpointing
-    for key, have in (("latents", latents), ("image", image), ("grad0", trace["grad0"])):
-        assert torch.equal(have, golden[key]), key
+    for key, have, want in (("latents", latents, plain[0]), ("image", image, plain[1]),
+                            ("grad0", trace["grad0"], plain[2]["grad0"])):
+        assert torch.equal(have, want), key

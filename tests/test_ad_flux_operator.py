@@ -115,24 +115,22 @@ def test_flux_params_on_sd_and_unknown_models():
 # --- the golden cases through the operator, and the fast mode ------------------------------------------------------
 
 def _golden_case(name: str):
-    import json
+    from tests import golden
 
-    from tests.shared_data import fixtures_dir
-
-    root = fixtures_dir() / "ad-reference-flux"
-    return root, json.loads((root / "cases.json").read_text())["cases"][name]
+    return golden.FLUX, golden.FLUX_CASES[name]
 
 
 @pytest.mark.parametrize("name", ["t2i_basic", "t2i_params"])
 def test_golden_cases_through_the_operator(name):
     """Every FLUX fixture case through the config's path: ``build_operator`` loads the fixture's ``model/`` by the
-    normal loading code, the style is read at ``style_size``, and the decoded image is the golden one."""
+    normal loading code, the style is read at ``style_size``, and the decoded image is the golden one (within the
+    cross-CPU image bound of ``tests/golden.py``; bit for bit on the CPU that made the fixtures)."""
     from PIL import Image
     from safetensors.torch import load_file
 
     from operators import build_operator
     from operators.ad import tensor_to_pil
-    from tests.shared_data import fixture_protocol
+    from tests.data_paths import fixture_protocol
 
     root, case = _golden_case(name)
     params = {"steps": case["num_inference_steps"], "lr": case["lr"], "iters": case["iters"],
@@ -144,9 +142,12 @@ def test_golden_cases_through_the_operator(name):
         op = build_operator({"name": "ad-t2i", "model": str(root / "model"), "params": params})
         [res] = op([{"key": "g", "prompt": case["prompt"], "style": Image.open(root / case["style_image"]),
                      "content": None, "seed": case["seed"]}])
+    from tests.golden import BOUNDS
+
     golden = np.asarray(tensor_to_pil(load_file(str(root / case["file"]))["image"])[0], dtype=np.int16)
     assert res["image"].size == (case["width"], case["height"])
-    assert np.abs(np.asarray(res["image"], dtype=np.int16) - golden).max() <= 1  # within 1.5/255; in practice 0
+    diff = np.abs(np.asarray(res["image"], dtype=np.int16) - golden)
+    assert diff.mean() <= BOUNDS["flux.image"].mean and diff.max() <= BOUNDS["flux.image"].max
 
 
 def _sample(pipe, style, **kwargs):
@@ -158,12 +159,16 @@ def _sample(pipe, style, **kwargs):
 
 def test_fast_mode_fp32_differs_from_the_reference_only_by_rounding():
     """Same draws, same method: one style gives the reference's result to rounding, two styles (one batched
-    feature pass instead of one per style) too."""
+    feature pass instead of one per style) too. The first loss is equal to rounding; after it the trajectory
+    amplifies reassociation like another CPU would (measured on AMD EPYC with two styles: losses 9e-5, gradient
+    7.5e-4, latents 2.3e-3 relative, image mean 0.12/255), so the cross-CPU bounds of ``tests/golden.py`` apply,
+    which a wrong method fails (``test_ad_flux.test_bounds_fail_a_wrong_method``)."""
     from PIL import Image
 
     from operators.ad import pil_to_tensor
     from operators.ad.flux import load_flux_pipeline
-    from tests.shared_data import fixture_protocol
+    from tests import golden
+    from tests.data_paths import fixture_protocol
 
     root, case = _golden_case("t2i_basic")
     style = pil_to_tensor(Image.open(root / case["style_image"]))
@@ -172,9 +177,11 @@ def test_fast_mode_fp32_differs_from_the_reference_only_by_rounding():
         for styles in (style, torch.cat([style, style.flip(3)])):
             ref_latents, ref_image, ref_trace = _sample(pipe, styles)
             latents, image, trace = _sample(pipe, styles, fast=True)
-            torch.testing.assert_close(trace["losses"], ref_trace["losses"], rtol=1e-4, atol=1e-7)
-            assert (image - ref_image).abs().max() <= 1.5 / 255
-            torch.testing.assert_close(latents, ref_latents, rtol=0, atol=1e-2)
+            assert golden.rel_error(trace["loss0"], ref_trace["loss0"]) <= golden.BOUNDS["flux.loss0"].rel
+            assert golden.rel_error(trace["losses"], ref_trace["losses"]) <= golden.BOUNDS["flux.losses"].rel
+            assert golden.rel_error(latents, ref_latents) <= golden.BOUNDS["flux.t2i_basic.latents"].rel
+            diff = np.abs(golden.pixels(image) - golden.pixels(ref_image))
+            assert diff.mean() <= golden.BOUNDS["flux.image"].mean and diff.max() <= golden.BOUNDS["flux.image"].max
 
 
 def test_bf16_fast_mode_with_checkpointing():

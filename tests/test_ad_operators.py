@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.shared_data import fixtures_dir
+from tests.data_paths import fixtures_dir
 
 FIXTURES = fixtures_dir() / "ad-reference"
 

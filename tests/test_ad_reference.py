@@ -1,31 +1,29 @@
-"""Reference mode vs. the authors' Attention Distillation code (shared/fixtures/ad-reference).
+"""Reference mode vs. the authors' Attention Distillation code (tests/data/fixtures/ad-reference).
 
 Two comparisons per case:
 - against an *oracle* written here that follows the authors' pipeline_sd.py/utils.py/losses.py literally
   (patched ``Attention.forward``, global RNG, ``repeat``, one ``L1Loss`` per layer) on a separately loaded copy of
-  the fixture model: same machine, same kernels, so reference mode must agree to the fixture tolerances;
-- against the stored golden tensors, under the fixtures' protocol (fp32, one thread, deterministic algorithms):
-  losses, gradient and trajectories match them exactly (max |diff| 0.0 when measured). Only multi-threaded runs
-  drift: the 64-px fixture model's 1x1 UNet bottleneck has GroupNorm groups of 2 values that amplify 1e-7
-  rounding, and Adam's first step is about ``lr * sign(grad)``, so rounding noise flips signs. The tolerances
-  below are one fp32 rounding step, not the chaos of another thread count.
+  the fixture model: same process, same kernels, so reference mode must agree to rounding, every trajectory
+  included;
+- against the stored golden tensors (made on another CPU): only what is stable across CPUs, within the bounds of
+  ``tests/golden.py`` (the losses and gradient at a fixed latent, the non-chaotic texture trajectory), under the
+  fixtures' protocol (fp32, one thread, deterministic algorithms). ``test_bounds_fail_a_wrong_method`` proves
+  those bounds still fail a shifted layer set and an L2 loss.
 """
 
 from __future__ import annotations
 
-import json
+import types
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from tests.shared_data import fixture_protocol, fixtures_dir
+from tests import golden as g
+from tests.data_paths import fixture_protocol
 
-FIXTURES = fixtures_dir() / "ad-reference"
-
-CASES = json.loads((FIXTURES / "cases.json").read_text())["cases"]
+FIXTURES = g.SD
+CASES = g.SD_CASES
 TRAJECTORIES = [name for name, case in CASES.items() if "driver" in case]
 
 
@@ -49,14 +47,11 @@ def model(ad):
 
 
 def _image(rel: str) -> torch.Tensor:
-    array = np.asarray(Image.open(FIXTURES / rel).convert("RGB"), dtype=np.uint8).copy()
-    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+    return g.image(FIXTURES, rel)
 
 
 def _golden(case: dict) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(FIXTURES / case["file"]))
+    return g.golden(FIXTURES, case)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -213,41 +208,9 @@ def oracle():
 # reference mode
 
 
-def _loss_grad(ad, model, case):
-    layers = list(range(*case["layers"]))
-    t = torch.tensor(case["t"])
-    null = model.null_cond(64, 64)
-    style = model.encode_images(_image(case["style"]))
-    content = model.encode_images(_image(case["content"]))
-    with torch.no_grad():
-        s = model.features(style, t, null.batch(1), layers)
-        c = model.features(content, t, null.batch(1), layers)
-    x = _golden(case)["x"].clone().requires_grad_()
-    f = model.features(x, t, null.batch(1), layers)
-    l_ad = ad.ad_loss([a.q for a in f], [a.k for a in s], [a.v for a in s], [a.out for a in f])
-    l_c = ad.content_loss([a.q for a in f], [a.q for a in c])
-    (l_ad + l_c * case["content_weight"]).backward()
-    return l_ad.detach(), l_c.detach(), x.grad
-
-
-def _run_case(ad, model, case):
-    style = model.encode_images(torch.cat([_image(p) for p in case["style"]]))
-    content = model.encode_images(_image(case["content"])) if case["content"] else None
-    generator = torch.Generator().manual_seed(case["seed"])
-    w, h = (s // model.vae_scale for s in case["size"])
-    cfg = ad.ADConfig(layers=tuple(case["layers"]), lr=case["lr"], iters=case["iters"],
-                      steps=case["num_inference_steps"], content_weight=case.get("content_weight", 0.0))
-    if case["driver"] == "optimize":
-        return ad.optimize(model, style, content, num_images=case["batch_size"], height=h, width=w, cfg=cfg,
-                           generator=generator)
-    return ad.sample(model, style, content, prompt=case["prompt"], negative_prompt=case["negative_prompt"],
-                     num_images=case["num_images"], height=h, width=w, guidance_scale=case["guidance_scale"],
-                     adain_on=case["adain"], cfg=cfg, generator=generator)
-
-
 @pytest.fixture(scope="module")
 def runs(ad, model):
-    return {name: _run_case(ad, model, CASES[name]) for name in TRAJECTORIES}
+    return {name: g.sd_run(ad, model, CASES[name]) for name in TRAJECTORIES}
 
 
 def test_fixture_model_loads_and_layers_are_in_execution_order(model):
@@ -264,7 +227,7 @@ def test_fixture_model_loads_and_layers_are_in_execution_order(model):
 
 def test_loss_grad_matches_oracle(ad, model, oracle):
     case = CASES["loss_grad"]
-    l_ad, l_c, grad = _loss_grad(ad, model, case)
+    l_ad, l_c, grad = g.sd_loss_grad(ad, model, case)
     layers_case = oracle.self_layers
     assert layers_case == list(range(*case["layers"]))
     null = oracle.null()
@@ -282,12 +245,9 @@ def test_loss_grad_matches_oracle(ad, model, oracle):
 
 
 def test_loss_grad_matches_fixture(ad, model):
+    """The first step of every trajectory, against the stored tensors: stable across CPUs."""
     case = CASES["loss_grad"]
-    golden = _golden(case)
-    l_ad, l_c, grad = _loss_grad(ad, model, case)
-    torch.testing.assert_close(l_ad.reshape(1), golden["ad_loss"], rtol=1e-5, atol=0)
-    torch.testing.assert_close(l_c.reshape(1), golden["content_loss"], rtol=1e-5, atol=0)
-    torch.testing.assert_close(grad, golden["grad"], rtol=1e-5, atol=1e-7)
+    assert g.check_sd_loss_grad(*g.sd_loss_grad(ad, model, case), _golden(case)) == []
 
 
 @pytest.mark.parametrize("name", TRAJECTORIES)
@@ -297,8 +257,24 @@ def test_trajectory_matches_oracle(runs, oracle, name):
     assert (runs[name].latents - expected).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", TRAJECTORIES)
-def test_trajectory_matches_fixture(runs, name):
-    golden = _golden(CASES[name])["latents"]
-    assert runs[name].latents.shape == golden.shape
-    assert (runs[name].latents - golden).abs().max() <= 1e-5 * golden.abs().max()
+def test_texture_trajectory_matches_fixture(ad, model, runs):
+    """The one SD trajectory that is not chaotic at its settings, against the stored latents; the chaotic ones
+    (``g.SD_CHAOTIC``) are compared with the in-process oracle only."""
+    assert set(TRAJECTORIES) - set(g.SD_CHAOTIC) == {"optimize_texture"}
+    assert g.check_sd_texture(model, runs["optimize_texture"].latents,
+                              _golden(CASES["optimize_texture"])["latents"]) == []
+
+
+def test_bounds_fail_a_wrong_method(ad, model):
+    """The cross-CPU bounds still catch a wrong method: AD layers shifted by one, or L2 in place of L1."""
+    case = CASES["loss_grad"]
+    want = _golden(case)
+    shifted = {**case, "layers": [case["layers"][0] - 1, case["layers"][1] - 1]}
+    failures = g.check_sd_loss_grad(*g.sd_loss_grad(ad, model, shifted), want)
+    assert any(f.startswith("ad_loss") for f in failures) and any(f.startswith("grad") for f in failures)
+    l2 = types.SimpleNamespace(ad_loss=g.l2_instead_of_l1(ad.ad_loss), content_loss=ad.content_loss)
+    failures = g.check_sd_loss_grad(*g.sd_loss_grad(l2, model, case), want)
+    assert any(f.startswith("ad_loss") for f in failures) and any(f.startswith("grad") for f in failures)
+    texture = {**CASES["optimize_texture"], "layers": shifted["layers"]}
+    failures = g.check_sd_texture(model, g.sd_run(ad, model, texture).latents, _golden(texture)["latents"])
+    assert any(f.startswith("latents") for f in failures) and any(f.startswith("image") for f in failures)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.shared_data import samples_dir
+from tests.data_paths import samples_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = samples_dir()

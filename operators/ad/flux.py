@@ -5,7 +5,8 @@ joint text+image attention in double- and single-stream blocks, a flow-matching 
 latents, so the loop and the tap differ. The algorithm and its quirks (AdaIN at every AD step, AD passes with
 the null prompt at guidance 1.0, the null prompt always at 512 T5 tokens, the style latent being a posterior
 *sample*, a fresh Adam per AD step) are those of xugao97/AttentionDistillation ``flux_ad/mypipeline.py``, so that
-a seeded run reproduces its golden outputs bit for bit (shared/fixtures/ad-reference-flux).
+a seeded run reproduces its golden outputs (tests/data/fixtures/ad-reference-flux): bit for bit on the CPU that
+made them, within the cross-CPU bounds of tests/golden.py elsewhere.
 
 No Ray, nothing from ``pipeline/``. Every random draw comes from the ``torch.Generator`` passed in, in the
 authors' order: initial noise, the style's VAE posterior sample, then one style noise per AD step except the last.

@@ -1,6 +1,6 @@
 """The SD/SDXL drivers: optimisation from clean latents (transfer, texture) and AD-guided DDIM sampling.
 
-Two modes (research/ad.md; fixtures in shared/fixtures/ad-reference):
+Two modes (docs/ad.md; fixtures in tests/data/fixtures/ad-reference):
 - reference (``fast=False``, fp32): the authors' order of random draws, batch shapes and operations, so that with
   one CPU thread the fixtures are reproduced;
 - fast (``fast=True``, bf16 autocast by default on CUDA): style features for many timesteps in one batched
