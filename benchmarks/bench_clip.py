@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import median_time, report  # noqa: E402
-from tests.shared_data import samples_dir  # noqa: E402
+from tests.data_paths import samples_dir  # noqa: E402
 
 N, BATCH, MODEL = 64, 32, "ViT-B-32"
 

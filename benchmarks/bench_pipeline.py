@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import report  # noqa: E402
 from pipeline.config import validate_config  # noqa: E402
-from tests.shared_data import samples_dir  # noqa: E402
+from tests.data_paths import samples_dir  # noqa: E402
 
 SMALL, LARGE = 2, 8  # styles per content: 14 content images -> 28 and 112 samples
 

@@ -20,7 +20,7 @@ from benchmarks.common import median_time, report  # noqa: E402
 from pipeline.config import OutputConfig  # noqa: E402
 from pipeline.images import encode_image  # noqa: E402
 from pipeline.sink import OutputStore, commit_rows, to_sample  # noqa: E402
-from tests.shared_data import samples_dir  # noqa: E402
+from tests.data_paths import samples_dir  # noqa: E402
 
 SAMPLES = samples_dir()
 N, PER_SHARD = 512, 128
