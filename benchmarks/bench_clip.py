@@ -1,5 +1,5 @@
 """CLIP scoring stage vs. open_clip's batched ``encode_image`` on the same images, one process
-(DESIGN §8 target: throughput ratio >= 0.90).
+(docs/architecture.md §8 target: throughput ratio >= 0.90).
 
 The stage (``pipeline.curate.Embedder``) reads each image with a ranged read from a WebDataset tar, decodes
 it under the pixel limit, records its size, preprocesses, encodes and L2-normalises. The baseline gets the

@@ -1,5 +1,5 @@
 """Peak memory of a whole run (driver + embedded Ray + workers) at 10x samples vs. 1x
-(DESIGN §8 target: ratio <= 1.2): streaming must keep memory flat as a run grows.
+(docs/architecture.md §8 target: ratio <= 1.2): streaming must keep memory flat as a run grows.
 
 Memory is the peak over time of the summed PSS (proportional set size) of every process in the run's
 session, so pages shared through Ray's object store are counted once, not once per process.

@@ -1,4 +1,5 @@
-"""Pipeline vs. a bare loop of the same work, one stylize actor (DESIGN §8 target: throughput ratio >= 0.90).
+"""Pipeline vs. a bare loop of the same work, one stylize actor (target: throughput ratio >= 0.90,
+docs/architecture.md §8).
 
 Both sides do the same per-sample work on the same inputs: fetch and decode content and style, run the
 operator (color-transfer), encode the output, score it with open_clip (ViT-B-32). The pipeline also writes

@@ -1,4 +1,4 @@
-"""Shard writer vs. raw ``tarfile`` writing the same bytes (DESIGN §8 target: throughput ratio >= 0.80).
+"""Shard writer vs. raw ``tarfile`` writing the same bytes (docs/architecture.md §8 target: throughput ratio >= 0.80).
 
 Both sides write the same kept samples (image, json, txt members) into the same number of tar files on
 the same disk; the writer also builds index parquets, fsyncs and renames (its price for atomicity and

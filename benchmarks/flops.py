@@ -54,7 +54,7 @@ CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, nu
 CLIP_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                    num_attention_heads=20, max_position_embeddings=77, projection_dim=1280)
 
-# From open_clip docs/model_profile.csv via shared/research/ecosystem.md §5 (image towers at 224 px).
+# From open_clip docs/model_profile.csv via docs/research/ecosystem.md §5 (image towers at 224 px).
 CLIP_IMAGE_GFLOPS = {"ViT-L-14": 162.03, "ViT-B-32": 8.82}
 
 # ------------------------------------------------------------------------------------------------------------

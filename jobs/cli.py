@@ -1,4 +1,4 @@
-"""The ``stylegen`` command line (DESIGN §3).
+"""The ``stylegen`` command line (docs/architecture.md §3).
 
 User errors (bad config, unreadable source) print one line ``error: ...`` on stderr and exit 2; a finished
 run exits 0 and prints ``planned=N kept=K rejected=R failed=F skipped=S`` as its last line.

@@ -1,6 +1,6 @@
 """Operator registry: turns an operator config into a callable that stylizes a batch.
 
-Contract (DESIGN §6): ``op(items) -> results``, one result per item, same order.
+Contract (docs/architecture.md §6): ``op(items) -> results``, one result per item, same order.
 An item is ``{"key", "prompt", "style", "content", "seed"}`` where ``style`` is a PIL image (or a list of
 them for operators that take several) and ``content`` a PIL image or None. A result is
 ``{"key", "image": PIL.Image, "meta": dict}``; an operator may instead return

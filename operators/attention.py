@@ -3,7 +3,7 @@
 Why processors and not a patched ``forward``: ``set_attn_processor`` is the supported extension point, it can be
 undone, and it composes with diffusers' gradient checkpointing. The authors' code patches ``Attention.forward``
 and counts self-attention calls as they execute; we keep that *execution order* (down, mid, up) as the layer
-index, because ``unet.attn_processors`` lists ``up_blocks`` before ``mid_block`` (ad.md §1.1 trap).
+index, because ``unet.attn_processors`` lists ``up_blocks`` before ``mid_block`` (docs/research/ad.md §1.1 trap).
 
 The helpers that do not depend on the UNet layout (:func:`split_heads`, :func:`merge_heads`, :class:`LayerFeatures`,
 :class:`AttentionTap`) are meant to be reused by other processors (e.g. a Flux one) later.

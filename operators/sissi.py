@@ -2,7 +2,7 @@
 
 The style image is the left panel of a diptych, the right panel is fully masked and FluxFill paints it from
 the prompt; DSSI (Dynamic Semantic-Style Integration) re-weights, for the target-panel queries only, the
-attention between the text branch and the style-image branch (research/sissi.md §3-4).
+attention between the text branch and the style-image branch (docs/research/sissi.md §3-4).
 
 Everything that is a reading of the paper rather than the paper itself is a switch: ``dssi.mode`` (how
 gamma, hence lambda, is obtained), ``dssi.compose`` (what happens to the target's own keys),
@@ -125,7 +125,7 @@ def dssi_lambda(gamma: torch.Tensor | float) -> torch.Tensor | float:
 
 
 def dssi_objective(lam: float | torch.Tensor, s: torch.Tensor, t: torch.Tensor, gamma: float | torch.Tensor):
-    """The DSSI objective L(lam) (research/sissi.md §4.2), summed over everything but leading batch dims."""
+    """The DSSI objective L(lam) (docs/research/sissi.md §4.2), summed over everything but leading batch dims."""
     h = (1 - lam) * s + lam * t
     return ((h - s) ** 2).sum() + gamma * ((h - t) ** 2).sum()
 
@@ -163,7 +163,7 @@ def _positions(n_tokens: int, text_len: int, style_index: torch.Tensor, output_i
 
 
 def _lambda_for(mode: str, lam: float, a_t, a_s, lse_t, lse_s, n_t=None, n_s=None) -> torch.Tensor:
-    """Lambda per (B,H,No,1) or broadcastable; see research/sissi.md §4.3 for each reading.
+    """Lambda per (B,H,No,1) or broadcastable; see docs/research/sissi.md §4.3 for each reading.
 
     ``dynamic_norm`` (the default) is the count-free reading of the paper's gamma. Per target query i the branch
     mass per key is ``rho_b,i = alpha_b,i / N_b``; the joint normaliser cancels in ``rho_s,i / rho_t,i``, leaving
@@ -301,7 +301,7 @@ def dssi_attention(
     compose: str = "mass_preserving",
     prompt_len: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Joint attention with DSSI on the target queries (DESIGN §6).
+    """Joint attention with DSSI on the target queries (docs/architecture.md §6).
 
     Tensors are ``(batch, heads, tokens, head_dim)``, tokens ordered ``[text, image]``; ``style_index`` and
     ``output_index`` are positions within the image tokens. Queries outside ``output_index`` get plain softmax
@@ -328,7 +328,7 @@ def dssi_attention(
 
 @dataclass
 class DSSIConfig:
-    """Where and how DSSI applies (research/sissi.md §4, §9)."""
+    """Where and how DSSI applies (docs/research/sissi.md §4, §9)."""
 
     mode: str = "dynamic_norm"  # count-invariant reading; unverified on real weights (README)
     compose: str = "mass_preserving"

@@ -1,4 +1,4 @@
-"""The run configuration: a strict pydantic schema of the YAML file (DESIGN §4).
+"""The run configuration: a strict pydantic schema of the YAML file (docs/architecture.md §4).
 
 Strict means an unknown key, a wrong type or an absurd number is an error that names the key and the
 file, so a typo never silently falls back to a default on a cluster that costs money by the hour.

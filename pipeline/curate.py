@@ -1,6 +1,6 @@
 """``stylegen filter``: CLIP quality filtering of existing WebDataset corpora (image + txt/json caption).
 
-The driver lists tar names and holds counts; everything per sample runs on the cluster (DESIGN §10):
+The driver lists tar names and holds counts; everything per sample runs on the cluster (docs/architecture.md §10):
 0. **List** (Ray tasks, a chunk of tars each): one row per sample with its member offsets, into the object store.
 1. **Embed** (Ray actor pool): for every input sample not yet in the embeddings store, decode the image, record
    its size and hash, and persist L2-normalised image and caption embeddings with the caption's CLIP score
@@ -8,7 +8,7 @@ The driver lists tar names and holds counts; everything per sample runs on the c
 2. **Decide** (``pipeline.curate_decide``): failed inputs, basic checks, ``min_clip``, exact and near-duplicates,
    and ``top_fraction`` of the whole pool; deterministic, so a resumed run decides the same.
 3. **Write** (Ray write tasks): kept samples are copied into shards with their original members and bytes
-   (never re-encoded); every sample gets an index row (DESIGN §5).
+   (never re-encoded); every sample gets an index row (docs/architecture.md §5).
 """
 
 from __future__ import annotations

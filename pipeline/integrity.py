@@ -1,4 +1,5 @@
-"""Damage found, never ignored (DESIGN §5): checks of the output contract, quarantine, and superseding rows.
+"""Damage found, never ignored: checks of the output contract, quarantine, and superseding rows
+(docs/architecture.md §5.5).
 
 :func:`check` lists every problem of an output with the file it concerns: an index file that cannot be read, a
 key in two index files, a kept row whose shard is missing, of another size than the index recorded, unreadable,

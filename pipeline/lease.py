@@ -1,4 +1,4 @@
-"""One writer per output (DESIGN §5): a lease held for the whole life of a run, filter or repair.
+"""One writer per output (docs/architecture.md §5.4): a lease held for the whole life of a run, filter or repair.
 
 Locally the lease is an exclusive ``flock`` on ``OUTPUT/_lease``: the kernel drops it when the holder dies, so a
 crashed run never blocks the next one. The file holds the holder's host, pid and start time for the message a

@@ -1,4 +1,4 @@
-"""Deterministic pairing of content x style x seed into planned samples with stable keys (DESIGN §2).
+"""Deterministic pairing of content x style x seed into planned samples with stable keys (docs/architecture.md §2).
 
 The same sources and config always give the same plan, in the same order, with the same keys, so a rerun
 can subtract the keys already in the index and do only what is left.

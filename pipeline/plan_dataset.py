@@ -1,5 +1,5 @@
-"""The plan as a Ray Dataset (DESIGN §10): the driver lists files, workers read them and pair, and the resume is an
-anti-join against the committed index, so the driver holds no per-sample state.
+"""The plan as a Ray Dataset (docs/architecture.md §10): the driver lists files, workers read them and pair, and the
+resume is an anti-join against the committed index, so the driver holds no per-sample state.
 
 It makes exactly the plan of :func:`pipeline.plan.build_plan` (the in-driver reference, kept for small jobs and
 tests): the same keys, pairings, seeds and prompts, numbered in the same order by ``ordinal``. Three global rules of

@@ -1,5 +1,5 @@
-"""Resume against the committed index without the driver holding keys (DESIGN §10): the planned samples not yet
-indexed (an anti-join), and the index statuses of the planned keys (the dataset totals).
+"""Resume against the committed index without the driver holding keys (docs/architecture.md §10): the planned samples
+not yet indexed (an anti-join), and the index statuses of the planned keys (the dataset totals).
 
 Two ways, one answer. A small index (at most ``BROADCAST_KEYS`` rows, estimated from the file count) is read by
 each worker itself (once per process) and looked up there: no shuffle, so a resume of a small job takes seconds.

@@ -110,7 +110,7 @@ def tally(config: RunConfig, store: OutputStore, summary: RunSummary, before: se
           plan) -> dict[str, Any]:
     """Count this run's outcomes into ``summary`` from the index files it committed, and return the dataset
     totals over the planned keys (a join on the cluster). A sample of this run without an index row is an error
-    (the invariant of DESIGN §5). The driver reads status columns file by file, never a set of keys."""
+    (the invariant of docs/architecture.md §5). The driver reads status columns file by file, never a set of keys."""
     new = [p for p in store.index_files() if p not in before]
     for path in new:
         counts = pc.value_counts(store.read_parquet(path, ["status"]).column("status"))

@@ -1,4 +1,4 @@
-"""The output directory and its commit protocol (DESIGN §5).
+"""The output directory and its commit protocol (docs/architecture.md §5).
 
 ``OUTPUT/shards/<name>.tar`` and ``OUTPUT/index/<name>.parquet`` are written as a pair whose name is
 ``sha1(sorted keys)[:16]``: a retried write of the same rows rewrites the same pair, different rows can

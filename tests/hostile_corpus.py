@@ -1,5 +1,5 @@
-"""Generators of hostile and awkward inputs (DESIGN §7 "Hostile input is normal input"), written into a test's
-tmp_path: broken and awkward images, hostile WebDataset tars, hostile prompt manifests.
+"""Generators of hostile and awkward inputs (docs/architecture.md §7 "Hostile input is normal input"), written into a
+test's tmp_path: broken and awkward images, hostile WebDataset tars, hostile prompt manifests.
 
 Every generator is deterministic and returns what the pipeline is expected to make of each input, so tests
 assert outcomes, not just "did not crash".

@@ -1,4 +1,4 @@
-"""The output invariants of DESIGN §5, checked the way a user would read the data back."""
+"""The output invariants of docs/architecture.md §5, checked the way a user would read the data back."""
 
 from __future__ import annotations
 

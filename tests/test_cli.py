@@ -1,4 +1,4 @@
-"""The CLI contract (DESIGN §3): exit codes, one-line errors, the summary line, tiny models."""
+"""The CLI contract (docs/architecture.md §3): exit codes, one-line errors, the summary line, tiny models."""
 
 from __future__ import annotations
 

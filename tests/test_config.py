@@ -1,4 +1,4 @@
-"""pipeline.config: the strict YAML schema, --set overrides and the operator hash (DESIGN §4)."""
+"""pipeline.config: the strict YAML schema, --set overrides and the operator hash (docs/architecture.md §4)."""
 
 from __future__ import annotations
 

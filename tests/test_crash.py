@@ -1,5 +1,5 @@
 """Crash safety: kill -9 of the whole run (driver and its embedded Ray) at random moments, an actor
-killed mid-batch, and failed uploads on S3. After a final rerun the invariants of DESIGN §5 hold."""
+killed mid-batch, and failed uploads on S3. After a final rerun the invariants of docs/architecture.md §5 hold."""
 
 from __future__ import annotations
 

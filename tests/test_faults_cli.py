@@ -1,5 +1,5 @@
-"""Faults a user meets, driven through the real CLI in real processes (embedded Ray, moto S3, a tmpfs):
-two writers on one output, disk full, SIGTERM, a FIFO among the inputs. Each ends with the DESIGN §5 invariants."""
+"""Faults a user meets, driven through the real CLI in real processes (embedded Ray, moto S3, a tmpfs): two writers on
+one output, disk full, SIGTERM, a FIFO among the inputs. Each ends with the docs/architecture.md §5 invariants."""
 
 from __future__ import annotations
 

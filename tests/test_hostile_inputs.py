@@ -1,4 +1,5 @@
-"""Hostile and broken inputs without Ray (DESIGN §7): images, tars, prompts, config, operator faults, security.
+"""Hostile and broken inputs without Ray: images, tars, prompts, config, operator faults, security
+(docs/architecture.md §7).
 
 Each broken input must become a `failed` row whose reason names the problem, each awkward one must load and
 convert correctly, and nothing may raise out of a stage.

@@ -1,6 +1,6 @@
-"""Whole runs on hostile inputs (DESIGN §7): every run finishes (exit 0), every input is accounted for by a row
-whose reason explains it, the output invariants of DESIGN §5 hold, nothing is written outside ``output.path``,
-and no credential reaches logs, ``run.json``, the index or the shards.
+"""Whole runs on hostile inputs (docs/architecture.md §7): every run finishes (exit 0), every input is accounted for by
+a row whose reason explains it, the output invariants of docs/architecture.md §5 hold, nothing is written outside
+``output.path``, and no credential reaches logs, ``run.json``, the index or the shards.
 """
 
 from __future__ import annotations

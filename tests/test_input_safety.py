@@ -1,5 +1,5 @@
-"""Inputs that could hang or mislead a run (DESIGN §7): FIFOs, sockets and devices among the inputs, symlinks
-out of a corpus, the run's own output inside a source folder, flaky and slow remote stores.
+"""Inputs that could hang or mislead a run (docs/architecture.md §7): FIFOs, sockets and devices among the inputs,
+symlinks out of a corpus, the run's own output inside a source folder, flaky and slow remote stores.
 
 Every test that could hang on a regression runs its call through :func:`bounded`, so a regression fails
 after a few seconds instead of blocking the test session; a reader stuck on a FIFO is released afterwards.

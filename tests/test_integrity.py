@@ -1,5 +1,5 @@
-"""Damage found and repaired (DESIGN §5): `stylegen verify [--repair]`, the start-up repair of `run`, and
-`--retry-failed` superseding failed rows, on real outputs of real runs (embedded Ray)."""
+"""Damage found and repaired (docs/architecture.md §5.5): `stylegen verify [--repair]`, the start-up repair of `run`,
+and `--retry-failed` superseding failed rows, on real outputs of real runs (embedded Ray)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Each diffusion operator through the whole pipeline (embedded Ray, tiny offline models, shared samples):
-the output invariants of DESIGN §5 hold and the images have the operator's output size."""
+the output invariants of docs/architecture.md §5 hold and the images have the operator's output size."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pipeline.plan: deterministic content x style x seed pairing with stable keys (DESIGN §2)."""
+"""pipeline.plan: deterministic content x style x seed pairing with stable keys (docs/architecture.md §2)."""
 
 from __future__ import annotations
 

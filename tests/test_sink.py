@@ -1,4 +1,4 @@
-"""pipeline.sink: shard + index commits, idempotence, shard sizes and crash recovery (DESIGN §5)."""
+"""pipeline.sink: shard + index commits, idempotence, shard sizes and crash recovery (docs/architecture.md §5)."""
 
 from __future__ import annotations
 

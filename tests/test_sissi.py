@@ -27,7 +27,7 @@ def _softmax_attention(q, k, v):
 
 
 def _reference(q, k, v, text_len, style_index, output_index, mode, lam, compose):
-    """research/sissi.md §4.5 written out with full score matrices in float64."""
+    """docs/research/sissi.md §4.5 written out with full score matrices in float64."""
     q, k, v = q.double(), k.double(), v.double()
     out = _softmax_attention(q, k, v)
     n_img = q.shape[2] - text_len

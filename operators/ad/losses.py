@@ -1,4 +1,5 @@
-"""The AD losses on captured attention features (research/ad.md §1.3): the authors' form, the fast form, AdaIN.
+"""The AD and content losses on captured attention features (docs/research/ad.md §1.3, §2): the authors' form, the
+fast form, AdaIN.
 
 Why its own module: both the SD/SDXL drivers and the operator's mask handling use these, and they are what the
 golden fixtures check term by term.

@@ -2,7 +2,7 @@
 
 Two label images: ``source`` is aligned with the style image, ``target`` with the output. In the AD loss a target
 token attends only the style tokens of its own label: ``attn_mask[i, j] = target[i] == source[j]`` after both label
-maps are nearest-resized to each layer's token grid (research/ad.md §1.3). Beyond the authors' code, which assumes
+maps are nearest-resized to each layer's token grid (docs/research/ad.md §1.3). Beyond the authors' code, which assumes
 square grids, one style image and equal token counts: any aspect ratio (the grid is the latent's, divided by the
 layer's down-sampling), a style of another size, and several styles (the source map applies to each). A query
 row whose label has no style token left at a coarse layer attends every style token instead of none (the authors'

@@ -1,4 +1,4 @@
-"""The AD operators of the registry: ``ad-t2i``, ``ad-transfer``, ``ad-texture`` (DESIGN §6 contract).
+"""The AD operators of the registry: ``ad-t2i``, ``ad-transfer``, ``ad-texture`` (docs/architecture.md §6 contract).
 
 Each parses and checks its params once (tables in :mod:`operators.ad.params`), loads its model once, and turns
 an item into one result: the image(s) and the run's settings and losses as metadata.

@@ -1,4 +1,4 @@
-"""Which params each AD operator and method reads, and their defaults (research/ad.md §3-§5).
+"""Which params each AD operator and method reads, and their defaults (docs/research/ad.md §3-§5).
 
 Why a table: ``check_params`` refuses at config time, before any model loads, a param the chosen operator and
 method would ignore; the same tables give the defaults the operators apply.
@@ -27,7 +27,7 @@ APPLIES: dict[str, set[tuple[str, str]]] = {
     "target_mask": {("texture", "optimize")},
 }
 
-# (operator kind, method) -> defaults (research/ad.md §3-§5).
+# (operator kind, method) -> defaults (docs/research/ad.md §3-§5).
 DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("transfer", "optimize"): {"steps": 200, "lr": 0.05, "iters": 1, "content_weight": 0.25},
     ("transfer", "sample"): {"steps": 50, "lr": 0.05, "iters": 3, "content_weight": 0.25,
