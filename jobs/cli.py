@@ -6,6 +6,7 @@ run exits 0 and prints ``planned=N kept=K rejected=R failed=F skipped=S`` as its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Generate stylized image corpora: plan, stylize, score, filter, shard.")
@@ -177,18 +179,77 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     typer.echo(summary.line())
 
 
+def _optional_values(args: list[str], bare: dict[str, str], choices: dict[str, tuple[str, ...]],
+                     takes_value: set[str]) -> list[str]:
+    """Rewrite options whose value is optional to ``--opt=value`` before click parses them, so that a bare
+    ``--opt`` never takes the next option (or the config) as its value. ``bare`` maps each such option to its
+    value when given alone; a value must be attached with ``=``, except one of ``choices[opt]`` (a closed set)
+    may also follow it. The value of another option and everything after ``--`` are left alone."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        if arg in bare:
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is not None and following in choices.get(arg, ()):
+                out.append(f"{arg}={following}")
+                i += 2
+                continue
+            out.append(f"{arg}={bare[arg]}")
+        elif arg in takes_value and i + 1 < len(args):
+            out += args[i:i + 2]
+            i += 2
+            continue
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+class OptionalValueCommand(TyperCommand):
+    """A command with options whose value is optional (``BARE``: option -> value when given alone; ``CHOICES``:
+    values that may follow without ``=``)."""
+
+    BARE: dict[str, str] = {}
+    CHOICES: dict[str, tuple[str, ...]] = {}
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        takes_value = {opt for p in self.get_params(ctx) if p.param_type_name == "option"
+                       and not getattr(p, "is_flag", False) and not getattr(p, "count", False) for opt in p.opts}
+        return super().parse_args(ctx, _optional_values(args, self.BARE, self.CHOICES, takes_value - set(self.BARE)))
+
+
+class RetryCommand(OptionalValueCommand):
+    BARE = {"--retry-failed": ""}
+
+
 RetryOpt = Annotated[str | None, typer.Option(
-    "--retry-failed", flag_value="", metavar="[SUBSTRING]",
-    help="Re-plan failed samples (only those whose reason contains SUBSTRING, when given)")]
+    "--retry-failed", metavar="[=SUBSTRING]", show_default=False,
+    help="Re-plan failed samples: all of them, or with --retry-failed=SUBSTRING only those whose reason contains "
+         "SUBSTRING (the value needs the '=')")]
+RetryReasonOpt = Annotated[str | None, typer.Option(
+    "--retry-reason", metavar="SUBSTRING",
+    help="Re-plan only the failed samples whose reason contains SUBSTRING (implies --retry-failed)")]
 
 
-@app.command()
+def _retry(retry_failed: str | None, retry_reason: str | None) -> str | None:
+    """What to retry (None: nothing, "": every failed sample, text: reasons containing it), from both options."""
+    if retry_reason is None:
+        return retry_failed
+    if retry_failed not in (None, "", retry_reason):
+        _fail(f"--retry-failed={retry_failed} and --retry-reason {retry_reason}: give the reason once")
+    return retry_reason
+
+
+@app.command(cls=RetryCommand)
 def run(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
-        debug: DebugOpt = False, retry_failed: RetryOpt = None) -> None:
+        debug: DebugOpt = False, retry_failed: RetryOpt = None, retry_reason: RetryReasonOpt = None) -> None:
     """Run (or resume) a generation job."""
     from pipeline.run import run as run_job
 
-    _execute(config, _load(config, set_), run_job, address, quiet, debug, retry_failed)
+    _execute(config, _load(config, set_), run_job, address, quiet, debug, _retry(retry_failed, retry_reason))
 
 
 @app.command("plan")
@@ -206,13 +267,14 @@ def plan_cmd(config: Path, set_: SetOpt = None, address: AddressArg = None,
              writes=False)
 
 
-@app.command("filter")
+@app.command("filter", cls=RetryCommand)
 def filter_(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
-            debug: DebugOpt = False, retry_failed: RetryOpt = None) -> None:
+            debug: DebugOpt = False, retry_failed: RetryOpt = None, retry_reason: RetryReasonOpt = None) -> None:
     """CLIP quality filtering of existing WebDataset shards (run or resume)."""
     from pipeline.curate import FilterRunConfig, curate
 
-    _execute(config, _load(config, set_, schema=FilterRunConfig), curate, address, quiet, debug, retry_failed)
+    _execute(config, _load(config, set_, schema=FilterRunConfig), curate, address, quiet, debug,
+             _retry(retry_failed, retry_reason))
 
 
 @app.command()
@@ -258,61 +320,109 @@ def verify(
 AddressOpt = Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265")]
 
 
-@app.command()
+def _jobs_error(address: str, exc: Exception) -> tuple[str, int]:
+    """The one line (and exit code) for what the Ray Jobs client raised: authentication, connection, an error
+    answer of the Jobs API, anything else."""
+    from ray.exceptions import AuthenticationError
+
+    first = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [""])[0][:500]
+    if isinstance(exc, AuthenticationError):
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+        hint = (f"RAY_AUTH_TOKEN_PATH={path} is not a file" if path and not os.path.isfile(path) else
+                "export the cluster's token as RAY_AUTH_TOKEN, or its file as RAY_AUTH_TOKEN_PATH")
+        return f"Ray at {address}: {first} ({hint})", EXIT_USAGE
+    if isinstance(exc, (ConnectionError, OSError)):
+        return f"cannot reach Ray at {address}: {first}", EXIT_USAGE
+    if isinstance(exc, RuntimeError):  # the Jobs API answered with an error (unknown job id, ...)
+        return f"Ray at {address}: {first}", 1
+    return f"Ray at {address}: {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)", 1
+
+
+@contextlib.contextmanager
+def _jobs_api(address: str, debug: bool):
+    """Token auth set up before Ray reads its settings, and one line ``error: ...`` for a failure of the Jobs API
+    (``--debug``: the traceback)."""
+    from jobs.auth import enable_token_auth
+
+    enable_token_auth()
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(*_jobs_error(address, exc))
+
+
+class SubmitCommand(OptionalValueCommand):
+    BARE = {"--ship-deps": "pip"}
+    CHOICES = {"--ship-deps": ("pip", "uv")}
+
+
+@app.command(cls=SubmitCommand)
 def submit(
     config: Path,
     address: AddressOpt,
     set_: SetOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Stream logs; exit non-zero if the job fails")] = False,
     ship_deps: Annotated[str | None, typer.Option(
-        "--ship-deps", flag_value="pip", metavar="[pip|uv]",
-        help="Install the project's pinned requirements for the job (Ray runtime_env pip, or uv)")] = None,
+        "--ship-deps", metavar="[pip|uv]", show_default=False,
+        help="Install the project's pinned requirements for the job (Ray runtime_env pip, or uv); alone: pip")] = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Submit a run or filter config to a Ray cluster as a job (idempotent: the same run attaches to its job)."""
+    from jobs.auth import enable_token_auth
+
+    enable_token_auth()  # before the config's modules import Ray
     from jobs import submit as jobs
     from pipeline.config import ConfigError
 
     cfg = _load(config, set_, schema="auto")
     _check_sources(config, cfg)
-    try:
-        job_id, new = jobs.submit(cfg, address, ship_deps=ship_deps)
-    except ConfigError as exc:
-        _fail(f"{config}: {exc}")
-    except (ConnectionError, OSError) as exc:
-        _fail(f"cannot reach Ray at {address}: {exc}")
-    except RuntimeError as exc:  # the Jobs API answered with an error
-        _fail(f"Ray at {address} refused the job: {str(exc).splitlines()[0]}", code=1)
-    typer.echo(f"{'submitted' if new else 'already submitted'}: {job_id}")
-    if wait:
-        final = jobs.wait(address, job_id)
-        typer.echo(f"job {job_id}: {final}")
-        if final != "SUCCEEDED":
-            raise typer.Exit(1)
+    with _jobs_api(address, debug):
+        try:
+            job_id, new = jobs.submit(cfg, address, ship_deps=ship_deps)
+        except ConfigError as exc:
+            _fail(f"{config}: {exc}")
+        except RuntimeError as exc:  # the Jobs API answered with an error
+            _fail(f"Ray at {address} refused the job: {str(exc).splitlines()[0]}", code=1)
+        typer.echo(f"{'submitted' if new else 'already submitted'}: {job_id}")
+        if wait:
+            final = jobs.wait(address, job_id)
+            typer.echo(f"job {job_id}: {final}")
+            if final != "SUCCEEDED":
+                raise typer.Exit(1)
 
 
 @app.command()
-def status(job_id: str, address: AddressOpt) -> None:
+def status(job_id: str, address: AddressOpt, debug: DebugOpt = False) -> None:
     """Show a job's status."""
-    from jobs import submit as jobs
+    with _jobs_api(address, debug):
+        from jobs import submit as jobs
 
-    info = jobs.status(address, job_id)
+        info = jobs.status(address, job_id)
     typer.echo(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
 
 
 @app.command()
-def logs(job_id: str, address: AddressOpt) -> None:
+def logs(job_id: str, address: AddressOpt, debug: DebugOpt = False) -> None:
     """Print a job's logs."""
-    from jobs import submit as jobs
+    with _jobs_api(address, debug):
+        from jobs import submit as jobs
 
-    typer.echo(jobs.logs(address, job_id), nl=False)
+        text = jobs.logs(address, job_id)
+    typer.echo(text, nl=False)
 
 
 @app.command()
-def stop(job_id: str, address: AddressOpt) -> None:
+def stop(job_id: str, address: AddressOpt, debug: DebugOpt = False) -> None:
     """Stop a running job (rerunning the same config later resumes it)."""
-    from jobs import submit as jobs
+    with _jobs_api(address, debug):
+        from jobs import submit as jobs
 
-    typer.echo(f"{job_id}: {'stop requested' if jobs.stop(address, job_id) else 'not running'}")
+        stopped = jobs.stop(address, job_id)
+    typer.echo(f"{job_id}: {'stop requested' if stopped else 'not running'}")
 
 
 @app.command()

@@ -11,7 +11,8 @@ dependencies and otherwise fails with one line saying which and how to fix it. `
 ``uv``.
 
 Ray 2.60 clusters use token authentication by default. The client sends the token from ``RAY_AUTH_TOKEN``
-or the token file (``~/.ray/auth_token``, or ``RAY_AUTH_TOKEN_PATH``); see the README.
+or the token file (``~/.ray/auth_token``, or ``RAY_AUTH_TOKEN_PATH``), with no ``RAY_AUTH_MODE`` needed
+(:mod:`jobs.auth`); see the README.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from jobs.auth import enable_token_auth
 from pipeline.config import ConfigError, RunConfig
 from pipeline.fs import is_remote
 
@@ -41,17 +43,9 @@ EXCLUDES = [".venv", ".git", "out", "benchmarks/out", "**/__pycache__", ".pytest
 TERMINAL_RETRYABLE = {"FAILED", "STOPPED"}
 
 
-def _enable_token_auth() -> None:
-    """Make the Ray client send a token when one is available (must run before Ray reads its settings)."""
-    if os.environ.get("RAY_AUTH_MODE"):
-        return
-    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def client(address: str):
-    _enable_token_auth()
+    """A Jobs API client that sends the token when one is available, whatever imported Ray before."""
+    enable_token_auth()
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)

@@ -180,3 +180,177 @@ def test_validate_accepts_filter_configs_and_convert_head(tmp_path):
                           "input.shards")
     assert_one_line_error(stylegen("models", "convert-head", str(tmp_path / "nope.pth"),
                                    str(tmp_path / "x.safetensors")), "nope.pth: not found")
+
+
+# --retry-failed as users type it (issue 25): bare, followed by another option, and with a reason. Three kinds of
+# broken input fail with three different reasons; each form must re-plan exactly the failed samples it names.
+BROKEN = {"HTML document": b"<!DOCTYPE html><html><body>404</body></html>", "empty file": b"",
+          "unrecognised format": bytes(range(256)) * 4}
+
+
+def _summary(proc) -> tuple[int, ...]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = SUMMARY.match(proc.stdout.strip().splitlines()[-1])
+    assert match, proc.stdout[-2000:]
+    return tuple(map(int, match.groups()))
+
+
+def _failed_reasons(out: Path) -> dict[str, str]:
+    from tests.invariants import read_index
+
+    return {r["key"]: r["reason"] for r in read_index(str(out)) if r["status"] == "failed"}
+
+
+def _by_kind(failed: dict[str, str], reasons: tuple[str, ...]) -> dict[str, set[str]]:
+    kinds = {kind: {k for k, reason in failed.items() if kind in reason} for kind in reasons}
+    assert set().union(*kinds.values()) == set(failed) and all(kinds.values()), failed
+    return kinds
+
+
+def _superseded(out: Path) -> set[str]:
+    """Keys of the failed rows that a retry took out of the index (kept aside under _superseded/)."""
+    import pyarrow.parquet as pq
+
+    rows = [r for f in (out / "_superseded").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    return {r["key"] for r in rows if r["status"] == "failed"}
+
+
+def _retry_forms(config: Path, elsewhere: Path, out: Path, fix, command: str, reasons: tuple[str, str, str]) -> None:
+    """The four forms on one output whose 8 samples are 2 good ones and 2 failed for each of ``reasons``; ``fix``
+    repairs the inputs. ``elsewhere`` is the same config writing elsewhere."""
+    first = _by_kind(_failed_reasons(out), reasons)
+    by_reason_text, by_value_text, rest = reasons
+    failed = set().union(*first.values())
+    planned = len(failed) + 2
+
+    # Bare and followed by --set (inputs still broken): --set applies, and every failed sample is planned again.
+    again = stylegen(command, str(elsewhere), "--retry-failed", "--set", f"output.path={out}", "--quiet")
+    assert _summary(again) == (planned, 0, 0, len(failed), 2)
+    assert _superseded(out) == failed and set(_failed_reasons(out)) == failed
+    assert not any(elsewhere.parent.glob("elsewhere-out*"))
+
+    fix()
+    by_reason = stylegen(command, str(config), "--retry-reason", by_reason_text, "--quiet")
+    assert _summary(by_reason) == (planned, 2, 0, 0, planned - 2)
+    assert set(_failed_reasons(out)) == first[by_value_text] | first[rest]
+
+    by_value = stylegen(command, str(config), "--quiet", f"--retry-failed={by_value_text}")
+    assert _summary(by_value) == (planned, 2, 0, 0, planned - 2)
+    assert set(_failed_reasons(out)) == first[rest]
+
+    bare = stylegen(command, str(config), "--retry-failed")
+    assert _summary(bare) == (planned, 2, 0, 0, planned - 2)
+    assert not _failed_reasons(out)
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_retry_failed_forms_in_run(ray_local, samples, tmp_path):
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.run import run
+
+    content, styles = tmp_path / "content", tmp_path / "styles"
+    content.mkdir()
+    styles.mkdir()
+    for path in sorted((samples / "content").iterdir())[:2]:
+        shutil.copy(path, content / path.name)
+    good = sorted((samples / "style").iterdir())[0]
+    shutil.copy(good, styles / good.name)
+    broken = {styles / f"broken-{i}.png": data for i, data in enumerate(BROKEN.values())}
+    for path, data in broken.items():
+        path.write_bytes(data)
+    out = tmp_path / "out"
+    data = {"output": {"path": str(out), "samples_per_shard": 4}, "content": {"images": str(content)},
+            "style": {"images": str(styles)}, "pairing": {"styles_per_content": 4}, "decode": {"max_side": 32},
+            "operator": {"name": "color-transfer"}, "scoring": {"clip_model": "tiny:clip"}}
+    config = _write(tmp_path / "run.yaml", data)
+    elsewhere = _write(tmp_path / "elsewhere.yaml", {**data, "output": {"path": str(tmp_path / "elsewhere-out")}})
+    assert run(load_config(config), quiet=True).failed == 6
+
+    def fix():
+        for path in broken:
+            shutil.copy(good, path)
+
+    _retry_forms(config, elsewhere, out, fix, "run", tuple(BROKEN))
+
+
+@pytest.mark.slow
+def test_retry_failed_forms_in_filter(ray_local, samples, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.curate import FilterRunConfig, curate
+    from tests.unit_helpers import wds_tar
+
+    images = sorted((samples / "content").iterdir())[:8]
+    # The filter's reasons for these (its decoding differs from run's): a sample with no image, an HTML page under
+    # an image name (PIL's "cannot identify image file <...>"), a truncated JPEG.
+    reasons = ("no image member", "cannot identify", "truncated")
+    jpeg = images[0].read_bytes()
+    bad = [{"txt": b"caption only"}, {"jpg": BROKEN["HTML document"], "txt": b"html"},
+           {"jpg": jpeg[:len(jpeg) // 2], "txt": b"truncated"}]
+
+    def write_tar(broken: bool) -> None:
+        """8 samples in two tars; samples 0-5 broken (two per reason) unless fixed."""
+        for t in range(2):
+            wds_tar(tmp_path / f"in-{t}.tar", {
+                f"s{i}": bad[i // 2] if broken and i < 6 else {image.suffix.lstrip("."): image.read_bytes(),
+                                                               "txt": f"caption {i}".encode()}
+                for i, image in enumerate(images) if i % 2 == t})
+
+    write_tar(broken=True)
+    out = tmp_path / "out"
+    data = {"input": {"shards": str(tmp_path / "in-*.tar")}, "output": {"path": str(out)},
+            "scoring": {"clip_model": "tiny:clip"}}
+    config = _write(tmp_path / "filter.yaml", data)
+    elsewhere = _write(tmp_path / "elsewhere.yaml", {**data, "output": {"path": str(tmp_path / "elsewhere-out")}})
+    first = curate(load_config(config, schema=FilterRunConfig), quiet=True)
+    assert (first.planned, first.failed) == (8, 6), first
+
+    _retry_forms(config, elsewhere, out, lambda: write_tar(broken=False), "filter", reasons)
+
+
+def test_optional_value_options_never_take_the_next_option():
+    from jobs.cli import _optional_values
+
+    retry, ship = {"--retry-failed": ""}, {"--ship-deps": "pip"}
+    choices = {"--ship-deps": ("pip", "uv")}
+    assert _optional_values(["c.yaml", "--retry-failed", "--set", "a=b"], retry, {}, {"--set"}) == \
+        ["c.yaml", "--retry-failed=", "--set", "a=b"]
+    assert _optional_values(["--retry-failed=x", "c.yaml", "--retry-failed"], retry, {}, set()) == \
+        ["--retry-failed=x", "c.yaml", "--retry-failed="]
+    assert _optional_values(["--set", "--retry-failed", "c", "--", "--retry-failed"], retry, {}, {"--set"}) == \
+        ["--set", "--retry-failed", "c", "--", "--retry-failed"]  # another option's value, and after --
+    assert _optional_values(["--ship-deps", "uv", "c"], ship, choices, set()) == ["--ship-deps=uv", "c"]
+    assert _optional_values(["--ship-deps", "c", "--wait"], ship, choices, set()) == ["--ship-deps=pip", "c", "--wait"]
+    assert _optional_values(["c", "--ship-deps"], ship, choices, set()) == ["c", "--ship-deps=pip"]
+
+
+def test_submit_ship_deps_bare_before_another_option(tmp_path):
+    """``--ship-deps`` alone means pip and leaves the next option alone: here ``--set`` gives the config a ``pip``
+    of its own, which ``--ship-deps`` refuses (one way to ship dependencies) before any cluster is asked."""
+    from tests.conftest import free_port
+
+    sets = ["--set", f"output.path={tmp_path / 'out'}", "--set", "ray.runtime_env={pip: [numpy]}"]
+    for form in (["--ship-deps"], ["--ship-deps", "uv"], ["--ship-deps=uv"]):
+        proc = stylegen("submit", "configs/demo.yaml", *form, *sets, "--address", f"http://127.0.0.1:{free_port()}")
+        assert_one_line_error(proc, "--ship-deps: ray.runtime_env already sets pip")
+    proc = stylegen("submit", "configs/demo.yaml", "--ship-deps=conda", *sets, "--address", "http://127.0.0.1:1")
+    assert_one_line_error(proc, "'conda' is not one of pip, uv")
+
+
+def test_jobs_commands_unreachable_address_is_one_line(tmp_path):
+    from tests.conftest import free_port
+
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {"RAY_AUTH_TOKEN": "some-token"}
+    for args in (["status", "raysubmit_x"], ["logs", "raysubmit_x"], ["stop", "raysubmit_x"],
+                 ["submit", "configs/demo.yaml", "--set", f"output.path={tmp_path / 'out'}"]):
+        proc = stylegen(*args, "--address", address, env=env)
+        assert_one_line_error(proc, f"cannot reach Ray at {address}")
+    debug = stylegen("status", "raysubmit_x", "--address", address, "--debug", env=env)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

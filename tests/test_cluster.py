@@ -18,6 +18,23 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
+def token_only(cluster: dict, **changes: str) -> dict:
+    """The client's environment as the README tells users to set it: the token exported, no RAY_AUTH_MODE (the
+    cluster itself runs with RAY_AUTH_MODE=token). ``changes`` replace or (with None) remove variables."""
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def stylegen(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def _planned(args_sets: list[str]) -> set[str]:
     from pipeline.config import load_config
     from pipeline.plan import build_plan
@@ -30,25 +47,25 @@ def test_submit_wait_on_two_node_cluster_uses_both_gpus(tmp_path):
     sets = [f"output.path={out}", "operator.num_gpus=1", "operator.actors=[2,2]", "operator.batch_size=1",
             "scoring.clip_model=tiny:clip", "pairing.styles_per_content=3"]
     with local_cluster(nodes=2, gpus_per_node=1) as cluster:
+        env = token_only(cluster)
         args = [sys.executable, "-m", "jobs.cli", "submit", "configs/demo.yaml", "--address", cluster["dashboard"]]
         for s in sets:
             args += ["--set", s]
-        proc = subprocess.run([*args, "--wait"], cwd=REPO, env=cluster["env"], capture_output=True, text=True,
-                              timeout=400)
+        proc = subprocess.run([*args, "--wait"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "SUCCEEDED" in proc.stdout
         assert "planned=18 kept=18 rejected=0 failed=0 skipped=0" in proc.stdout
         job_id = proc.stdout.split("submitted: ", 1)[1].split()[0]
 
         # Same run again: the same submission id, no second job.
-        again = subprocess.run(args, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=120)
+        again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0 and f"already submitted: {job_id}" in again.stdout, again.stdout + again.stderr
-        status = subprocess.run([sys.executable, "-m", "jobs.cli", "status", job_id, "--address",
-                                 cluster["dashboard"]], cwd=REPO, env=cluster["env"], capture_output=True, text=True)
+        status = stylegen("status", job_id, "--address", cluster["dashboard"], env=env)
         assert f"{job_id}: SUCCEEDED" in status.stdout, status.stdout + status.stderr
-        job_logs = subprocess.run([sys.executable, "-m", "jobs.cli", "logs", job_id, "--address",
-                                   cluster["dashboard"]], cwd=REPO, env=cluster["env"], capture_output=True, text=True)
+        job_logs = stylegen("logs", job_id, "--address", cluster["dashboard"], env=env)
         assert "planned=18" in job_logs.stdout
+        stopped = stylegen("stop", job_id, "--address", cluster["dashboard"], env=env)
+        assert stopped.returncode == 0 and f"{job_id}: not running" in stopped.stdout, stopped.stderr
 
     rows = check_invariants(str(out), _planned(sets))
     workers = {(w["node"], w["gpu"]) for w in (json.loads(r["meta"])["worker"] for r in rows)}
@@ -89,12 +106,12 @@ def cpu_cluster():
 def test_submit_rejects_relative_output_and_failing_job_exits_nonzero(tmp_path, cpu_cluster):
     cluster = cpu_cluster
     base = [sys.executable, "-m", "jobs.cli", "submit", "configs/demo.yaml", "--address", cluster["dashboard"]]
-    rel = subprocess.run(base, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=60)
+    rel = subprocess.run(base, cwd=REPO, env=token_only(cluster), capture_output=True, text=True, timeout=60)
     assert rel.returncode == 2 and "output.path" in rel.stderr, rel.stderr
     # A job that cannot run (asks for a GPU the cluster does not have would hang; a bad model fails fast).
     bad = subprocess.run([*base, "--wait", "--set", f"output.path={tmp_path / 'o'}", "--set",
                           "scoring.clip_model=no-such-clip-model"],
-                         cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
+                         cwd=REPO, env=token_only(cluster), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
     assert "FAILED" in bad.stdout
 
@@ -121,13 +138,13 @@ def test_submit_wait_filter_config_and_missing_dependency_probe(tmp_path, sample
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
     cluster = cpu_cluster
     args = [sys.executable, "-m", "jobs.cli", "submit", str(config), "--address", cluster["dashboard"], "--wait"]
-    proc = subprocess.run(args, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(args, cwd=REPO, env=token_only(cluster), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout and "planned=7 kept=6 rejected=1 failed=0 skipped=0" in proc.stdout
 
     no_deps = subprocess.run([*args, "--set", f"output.path={tmp_path / 'out2'}", "--set",
                               f"ray.runtime_env={{env_vars: {{PATH: '{bare / 'bin'}:/usr/bin:/bin'}}}}"],
-                             cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
+                             cwd=REPO, env=token_only(cluster), capture_output=True, text=True, timeout=300)
     assert no_deps.returncode == 1 and "FAILED" in no_deps.stdout, no_deps.stdout[-3000:] + no_deps.stderr
     assert "Traceback" not in no_deps.stdout, no_deps.stdout[-3000:]
     lines = [ln for ln in no_deps.stdout.splitlines() if ln.startswith("error: ")]
@@ -140,3 +157,39 @@ def test_submit_wait_filter_config_and_missing_dependency_probe(tmp_path, sample
     rows = check_invariants(str(tmp_path / "out"), planned)
     assert len(rows) == 7 and all(r["score_aesthetic"] is not None for r in rows)
     assert not (tmp_path / "out2").exists()
+
+
+def test_jobs_commands_with_only_the_token_file_and_one_line_auth_errors(tmp_path, cpu_cluster):
+    """The token in a file (RAY_AUTH_TOKEN_PATH, nothing exported) works for submit, status, logs and stop; a wrong
+    token or no token at all is one line ``error: ...`` (exit 2), the traceback only with --debug."""
+    cluster, address = cpu_cluster, cpu_cluster["dashboard"]
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster["env"]["RAY_AUTH_TOKEN"])
+    home = tmp_path / "home"  # no ~/.ray/auth_token of this machine's own Ray sessions
+    home.mkdir()
+    by_file = token_only(cluster, RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=str(token_file), HOME=str(home))
+    # A job that waits for a GPU this cluster lacks: it stays pending until stopped, and costs nothing.
+    proc = stylegen("submit", "configs/demo.yaml", "--address", address, "--set", f"output.path={tmp_path / 'o'}",
+                    "--set", "operator.num_gpus=1", env=by_file)
+    assert proc.returncode == 0 and "submitted: " in proc.stdout, proc.stdout + proc.stderr
+    job_id = proc.stdout.split("submitted: ", 1)[1].split()[0]
+    status = stylegen("status", job_id, "--address", address, env=by_file)
+    assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: "), status.stdout + status.stderr
+    assert stylegen("logs", job_id, "--address", address, env=by_file).returncode == 0
+    stopped = stylegen("stop", job_id, "--address", address, env=by_file)
+    assert stopped.returncode == 0 and job_id in stopped.stdout, stopped.stdout + stopped.stderr
+
+    wrong = token_only(cluster, RAY_AUTH_TOKEN="0" * 64, HOME=str(home))
+    missing = token_only(cluster, RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=str(tmp_path / "nope"), HOME=str(home))
+    none = token_only(cluster, RAY_AUTH_TOKEN=None, HOME=str(home))
+    cases = [(wrong, "Invalid authentication token"), (missing, "RAY_AUTH_TOKEN_PATH="),
+             (none, "Missing authentication token")]
+    for env, needle in cases:
+        for args in (["status", job_id], ["logs", job_id], ["stop", job_id],
+                     ["submit", "configs/demo.yaml", "--set", f"output.path={tmp_path / 'o2'}"]):
+            proc = stylegen(*args, "--address", address, env=env)
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            assert proc.returncode == 2 and len(lines) == 1, (args, proc.returncode, proc.stderr[-3000:])
+            assert lines[0].startswith(f"error: Ray at {address}: ") and needle in lines[0], lines[0]
+    debug = stylegen("status", job_id, "--address", address, "--debug", env=wrong)
+    assert debug.returncode != 0 and "AuthenticationError" in debug.stderr and "Traceback" in debug.stderr
