@@ -1,5 +1,12 @@
 """Run every ``benchmarks/bench_*.py`` in its own process, collect their ``BENCH {json}`` lines, and write
-``benchmarks/results.json`` and ``benchmarks/results.md`` (the table the README shows)."""
+``benchmarks/results.json`` and ``benchmarks/results.md`` (the table the README shows).
+
+A row keeps the date and CPU it was measured on; the table calls out a row whose measured code (``DEPENDS``) has a
+git commit after that date, so an old figure cannot pass for a current one. ``--render`` redraws the table from
+``results.json`` without running anything.
+
+    python benchmarks/run_all.py [--render] [NAME ...]
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+
+# The code each benchmark measures (besides the script itself): a commit touching any of it after a row's date
+# makes the row stale. Paths are relative to the repository root; a folder covers everything under it.
+DEPENDS: dict[str, list[str]] = {
+    "bench_ad_flux_step.py": ["operators/ad", "operators/attention.py", "operators/tiny_flux.py"],
+    "bench_ad_step.py": ["operators/ad", "operators/attention.py"],
+    "bench_clip.py": ["operators/clip_score.py", "pipeline/curate.py", "pipeline/tar_index.py", "pipeline/images.py"],
+    "bench_dedup_scale.py": ["pipeline/dedup.py"],
+    "bench_filter_scale.py": ["pipeline/curate.py", "pipeline/curate_decide.py", "pipeline/dedup.py",
+                              "pipeline/run.py", "pipeline/resume.py", "pipeline/sink.py", "operators/clip_score.py"],
+    "bench_memory.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py"],
+    "bench_pipeline.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py"],
+    "bench_plan_scale.py": ["pipeline/plan.py", "pipeline/plan_dataset.py", "pipeline/sources.py",
+                            "pipeline/resume.py", "pipeline/run.py"],
+    "bench_sissi.py": ["operators/sissi.py", "operators/attention.py", "operators/tiny_flux.py"],
+    "bench_writer.py": ["pipeline/sink.py", "pipeline/fs.py", "pipeline/images.py"],
+}
 
 
 def machine() -> str:
@@ -38,14 +62,69 @@ def update_readme(table: str) -> None:
 
 
 def _previous() -> list[dict]:
+    """The rows of the last results.json, each with its date and CPU (older files kept them once, at the top)."""
     try:
         record = json.loads((HERE / "results.json").read_text())
     except (OSError, ValueError):
         return []
-    return [{**r, "date": r.get("date", record.get("date", ""))} for r in record.get("results", [])]
+    return [{**r, "date": r.get("date", record.get("date", "")), "cpu": r.get("cpu", record.get("machine", ""))}
+            for r in record.get("results", [])]
+
+
+def code_changed(script: str) -> str | None:
+    """Date (YYYY-MM-DD) of the last commit touching the benchmark or the code it measures; None outside git."""
+    paths = [f"benchmarks/{script}", *DEPENDS.get(script, [])]
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", *paths], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def measured_cell(row: dict, changed: str | None, several_cpus: bool) -> str:
+    """The row's date; a warning when its code changed later (dates compare as ISO strings); its CPU when rows
+    of several machines share the table."""
+    cell = row.get("date", "")
+    if changed and cell and changed > cell:
+        cell += f" (**stale: code changed {changed}**)"
+    if several_cpus and row.get("cpu"):
+        cell += f", {row['cpu']}"
+    return cell
+
+
+def render(record: dict) -> str:
+    """The markdown table of ``record``: one header line with the machine(s), then a row per result."""
+    results = record["results"]
+    cpus = sorted({r.get("cpu") or record["machine"] for r in results})
+    several = len(cpus) > 1
+    head = (f"Measured on {cpus[0] if cpus else record['machine']}; last run {record['date']}." if not several
+            else f"Measured on several machines ({'; '.join(cpus)}): each row names its own; last run "
+                 f"{record['date']}.")
+    changed = {script: code_changed(script) for script in sorted({r.get("script", "") for r in results})}
+    lines = [head, "", "| benchmark | measure | ratio | target | met | figures | measured |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        figures = ", ".join(f"{k}={v}" for k, v in r["figures"].items())
+        lines.append(f"| {r['name']} | {r['what']} | {r['ratio']} | {r['target']} | "
+                     f"{'yes' if r['ok'] else 'no'} | {figures} | "
+                     f"{measured_cell(r, changed.get(r.get('script', '')), several)} |")
+    return "\n".join(lines) + "\n"
+
+
+def publish(record: dict) -> str:
+    table = render(record)
+    (HERE / "results.md").write_text(table)
+    update_readme(table)
+    return table
 
 
 def main(selected: list[str]) -> int:
+    if selected[:1] == ["--render"]:
+        record = json.loads((HERE / "results.json").read_text())
+        record["results"] = _previous()
+        print(publish(record))
+        return 0
     scripts = sorted(HERE.glob("bench_*.py"))
     if selected:
         scripts = [s for s in scripts if any(name in s.name for name in selected)]
@@ -60,6 +139,7 @@ def main(selected: list[str]) -> int:
             r["script"] = script.name
             r["seconds"] = round(time.time() - t0, 1)
             r["date"] = time.strftime("%Y-%m-%d")
+            r["cpu"] = machine()
         results.extend(found)
         if proc.returncode != 0 or not found:
             failures.append(script.name)
@@ -70,16 +150,7 @@ def main(selected: list[str]) -> int:
         results.sort(key=lambda r: r["name"])
     record = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "results": results, "failed": failures}
     (HERE / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"Measured on {record['machine']}; last run {record['date']}.", "",
-             "| benchmark | measure | ratio | target | met | figures | measured |", "|---|---|---|---|---|---|---|"]
-    for r in results:
-        figures = ", ".join(f"{k}={v}" for k, v in r["figures"].items())
-        lines.append(f"| {r['name']} | {r['what']} | {r['ratio']} | {r['target']} | "
-                     f"{'yes' if r['ok'] else 'no'} | {figures} | {r.get('date', '')} |")
-    table = "\n".join(lines) + "\n"
-    (HERE / "results.md").write_text(table)
-    update_readme(table)
-    print(table)
+    print(publish(record))
     if failures:
         print("benchmarks that failed to report:", ", ".join(failures))
     return 1 if failures else 0

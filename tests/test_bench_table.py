@@ -1,0 +1,22 @@
+"""The bench table calls out rows older than the code they measure, and names each row's CPU when machines mix."""
+
+from benchmarks.run_all import code_changed, measured_cell, render
+
+
+def test_a_row_older_than_its_code_is_called_stale():
+    row = {"date": "2026-11-22", "cpu": "2 cores, Intel"}
+    assert measured_cell(row, "2026-12-01", False) == "2026-11-22 (**stale: code changed 2026-12-01**)"
+    assert measured_cell(row, "2026-11-22", False) == "2026-11-22"
+    assert measured_cell(row, None, True) == "2026-11-22, 2 cores, Intel"
+
+
+def test_rows_of_two_machines_say_so_in_the_header():
+    row = {"name": "n", "what": "w", "ratio": 1.0, "target": ">= 0.9", "ok": True, "figures": {}, "date": "2999-01-01",
+           "script": "bench_pipeline.py"}
+    table = render({"machine": "A", "date": "2999-01-01", "results": [{**row, "cpu": "A"}, {**row, "cpu": "B"}]})
+    assert table.startswith("Measured on several machines (A; B)")
+    assert "2999-01-01, B |" in table and "stale" not in table
+
+
+def test_the_pipeline_bench_depends_on_committed_code():
+    assert code_changed("bench_pipeline.py") is not None
