@@ -266,7 +266,7 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Stream logs; exit non-zero if the job fails")] = False,
     ship_deps: Annotated[str | None, typer.Option(
         "--ship-deps", flag_value="pip", metavar="[pip|uv]",
-        help="Install the project's pinned requirements for the job (Ray runtime_env pip, or uv)")] = None,
+        help="Install the tested set (requirements.lock) for the job (Ray runtime_env pip, or uv)")] = None,
 ) -> None:
     """Submit a run or filter config to a Ray cluster as a job (idempotent: the same run attaches to its job)."""
     from jobs import submit as jobs
