@@ -179,6 +179,19 @@ def test_runtime_env_merges_the_configs_and_ships_pinned_deps():
                                                                  "output": {"path": "/out"}}))
 
 
+def test_runtime_env_from_a_wheel_install_ships_the_packages_not_site_packages(monkeypatch):
+    """Installed from a wheel there is no checkout: the job gets the three installed packages as py_modules (the
+    user's py_modules after them), never the site-packages folder as its working_dir; --ship-deps still works."""
+    from jobs import submit
+
+    monkeypatch.setattr(submit, "PROJECT_ROOT", None)
+    env = submit.runtime_env(_filter_cfg(runtime_env={"py_modules": ["/opt/extra"]}), ship_deps="pip")
+    assert "working_dir" not in env
+    assert env["py_modules"] == [str(submit.PACKAGE_PARENT / n) for n in ("operators", "pipeline", "jobs")] + \
+        ["/opt/extra"]
+    assert env["pip"] == {"packages": submit.requirements()} and env["pip"]["packages"]
+
+
 def test_submission_id_depends_only_on_what_the_config_sets():
     """A key left at its default (or one a later release adds with a default) keeps the job id, so a resubmission
     finds its running job instead of starting a second writer; a changed value or --ship-deps changes it."""
