@@ -1,15 +1,16 @@
-# Every target creates or reuses .venv; `make install` reinstalls only when pyproject.toml changes.
+# Every target creates or reuses .venv; `make install` reinstalls only when pyproject.toml or requirements.lock
+# changes. It installs the tested set: pyproject.toml's ranges, constrained to requirements.lock's exact versions.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stylegen-installed
 
-.PHONY: install demo test lint bench device-check clean
+.PHONY: install demo test lint bench device-check clean lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[test]"
 	touch $(STAMP)
 
 demo: install
@@ -28,6 +29,10 @@ bench: install
 # bf16 Sissi/AD checks on a CUDA GPU (exit 2 without one); never part of `make test`
 device-check: install
 	PYTHONPATH=. $(PY) benchmarks/device_check.py
+
+# Rewrite requirements.lock from .venv after changing a dependency there and passing `make test` with it
+lock: install
+	$(PY) scripts/lock.py
 
 clean:
 	rm -rf out .pytest_cache

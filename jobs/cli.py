@@ -368,7 +368,7 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Stream logs; exit non-zero if the job fails")] = False,
     ship_deps: Annotated[str | None, typer.Option(
         "--ship-deps", metavar="[pip|uv]", show_default=False,
-        help="Install the project's pinned requirements for the job (Ray runtime_env pip, or uv); alone: pip")] = None,
+        help="Install the tested set (requirements.lock) for the job (Ray runtime_env pip, or uv); alone: pip")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Submit a run or filter config to a Ray cluster as a job (idempotent: the same run attaches to its job)."""

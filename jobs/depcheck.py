@@ -28,7 +28,7 @@ def missing(modules):
 def problem(modules):
     """The one-line explanation, or None when this Python has everything."""
     where = "{} (Python {}.{})".format(sys.executable, *sys.version_info[:2])
-    fix = ("submit with --ship-deps (installs the pinned requirements for the job), or set ray.runtime_env "
+    fix = ("submit with --ship-deps (installs the tested set, requirements.lock, for the job), or set ray.runtime_env "
            "(pip/uv, or py_executable pointing at an environment that has them), or start Ray from that environment")
     if tuple(sys.version_info[:2]) != REQUIRES:
         return f"the cluster's python {where} is not Python {REQUIRES[0]}.{REQUIRES[1]}: {fix}"

@@ -2,13 +2,15 @@
 
 The job ships this project as its ``working_dir`` (Ray applies ``.gitignore``; ``.venv``, outputs and caches
 are excluded too) and the resolved config in an environment variable, so what runs is exactly what
-``stylegen validate`` accepted here. The submission id is derived from the resolved config: submitting the
+``stylegen validate`` accepted here. A stylegen installed from a wheel has no project folder: it ships its three
+packages as ``py_modules`` instead (relative source paths then resolve in the job's own working directory, so
+use absolute or ``s3://`` ones). The submission id is derived from the resolved config: submitting the
 same run twice attaches to the job already running instead of starting a second writer on one output.
 
 The entrypoint's first line (:mod:`jobs.depcheck`) checks that the cluster's ``python`` can import the
 dependencies and otherwise fails with one line saying which and how to fix it. ``ray.runtime_env`` of the config
-(Ray's own keys) is merged into the job's; ``--ship-deps`` adds the project's pinned requirements as ``pip`` or
-``uv``.
+(Ray's own keys) is merged into the job's; ``--ship-deps`` adds the tested set (``requirements.lock``, the runtime
+section; the wheel carries it as ``jobs/requirements.lock``) as ``pip`` or ``uv``.
 
 Ray 2.60 clusters use token authentication by default. The client sends the token from ``RAY_AUTH_TOKEN``
 or the token file (``~/.ray/auth_token``, or ``RAY_AUTH_TOKEN_PATH``), with no ``RAY_AUTH_MODE`` needed
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.metadata
+import importlib.resources
 import json
 import logging
 import os
@@ -37,7 +41,8 @@ from pipeline.fs import is_remote
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the source checkout, or site-packages for a wheel install
+PACKAGES = ("operators", "pipeline", "jobs")
 CONFIG_ENV = "STYLEGEN_CONFIG_YAML"
 EXCLUDES = [".venv", ".git", "out", "benchmarks/out", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
 TERMINAL_RETRYABLE = {"FAILED", "STOPPED"}
@@ -73,15 +78,53 @@ def check_submittable(config) -> None:
             raise ConfigError(f"{key}: {path!r} is relative; a cluster job needs an absolute path or s3:// URL")
 
 
-# Import names of the pinned distributions where they differ (the probe checks that the cluster can import them).
+# Import names of the required distributions where they differ (the probe checks that the cluster can import them).
 IMPORT_NAMES = {"pillow": "PIL", "pyyaml": "yaml", "open-clip-torch": "open_clip", "faiss-cpu": "faiss",
                 "huggingface-hub": "huggingface_hub"}
 
 
+def _checkout() -> Path | None:
+    """The stylegen source checkout this code runs from, or ``None`` when it runs from an installed wheel."""
+    try:
+        with open(PACKAGE_PARENT / "pyproject.toml", "rb") as f:
+            name = tomllib.load(f).get("project", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return PACKAGE_PARENT if name == "stylegen" else None
+
+
+PROJECT_ROOT = _checkout()
+LOCK_MARKER = "# --- test extras and tools"  # scripts/lock.py: the runtime closure comes before this line
+
+
 def requirements() -> list[str]:
-    """The project's pinned requirements (``pyproject.toml``), as pip/uv take them."""
-    with open(PROJECT_ROOT / "pyproject.toml", "rb") as f:
-        return list(tomllib.load(f)["project"]["dependencies"])
+    """The tested runtime set (``requirements.lock`` up to its test section), exact pins as pip/uv take them.
+
+    Read as package data (``jobs/requirements.lock``: a link to the repository's lock in a checkout, a copy in
+    the wheel), so ``--ship-deps`` works from an editable and from a wheel install alike."""
+    try:
+        text = importlib.resources.files("jobs").joinpath("requirements.lock").read_text()
+    except (OSError, ModuleNotFoundError) as exc:
+        raise ConfigError("--ship-deps: this stylegen has no requirements.lock (a build without its package data?): "
+                          "install it from the repository or its wheel, or set ray.runtime_env pip/uv "
+                          f"yourself ({exc})") from None
+    pins = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(LOCK_MARKER):
+            break
+        if line and not line.startswith("#"):
+            pins.append(line)
+    return pins
+
+
+def dependencies() -> list[str]:
+    """The direct dependencies (``[project.dependencies]``, ranges): from ``pyproject.toml`` in a checkout (the code
+    a job ships), else from the installed wheel's metadata."""
+    if PROJECT_ROOT is not None:
+        with open(PROJECT_ROOT / "pyproject.toml", "rb") as f:
+            return list(tomllib.load(f)["project"]["dependencies"])
+    return [r for r in importlib.metadata.requires("stylegen") or [] if "extra ==" not in r]
 
 
 def import_names(reqs: list[str]) -> list[str]:
@@ -94,7 +137,7 @@ def import_names(reqs: list[str]) -> list[str]:
 
 def entrypoint(config=None) -> str:
     """The dependency probe, then the run: a cluster whose python lacks a dependency fails on the first line."""
-    probe = "python -m jobs.depcheck " + " ".join(import_names(requirements()))
+    probe = "python -m jobs.depcheck " + " ".join(import_names(dependencies()))
     return f"{probe} && python -m jobs.cli {kind(config) if config is not None else 'run'} env:{CONFIG_ENV} " \
            "--address auto"
 
@@ -103,8 +146,9 @@ SHIP_DEPS = ("pip", "uv")
 
 
 def runtime_env(config, ship_deps: str | None = None) -> dict[str, Any]:
-    """This project as the working_dir, the config in an environment variable, ``ray.runtime_env`` merged in
-    (its ``env_vars`` and ``excludes`` added to ours), and with ``ship_deps`` the pinned requirements."""
+    """This project as the working_dir (an installed wheel: its packages as py_modules), the config in an
+    environment variable, ``ray.runtime_env`` merged in (its ``env_vars``, ``excludes`` and ``py_modules`` added to
+    ours), and with ``ship_deps`` the locked runtime requirements."""
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True)
     env_vars = {}
     for name in ("STYLEGEN_CACHE", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
@@ -117,8 +161,12 @@ def runtime_env(config, ship_deps: str | None = None) -> dict[str, Any]:
     user_env = own.pop("env_vars", None) or {}
     if not isinstance(user_env, dict) or not all(isinstance(v, str) for v in user_env.values()):
         raise ConfigError("ray.runtime_env.env_vars: must map names to strings")
-    env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES + list(own.pop("excludes", None) or []),
+    env = {"excludes": EXCLUDES + list(own.pop("excludes", None) or []),
            "env_vars": env_vars | user_env | {CONFIG_ENV: text}}
+    if PROJECT_ROOT is not None:
+        env["working_dir"] = str(PROJECT_ROOT)
+    else:  # a wheel install: ship the installed packages, not the site-packages folder they sit in
+        env["py_modules"] = [str(PACKAGE_PARENT / name) for name in PACKAGES] + list(own.pop("py_modules", None) or [])
     env.update(own)
     if ship_deps is not None:
         if ship_deps not in SHIP_DEPS:

@@ -159,12 +159,15 @@ def test_runtime_env_merges_the_configs_and_ships_pinned_deps():
     assert submit.entrypoint(cfg).startswith("python -m jobs.depcheck torch ")
     assert "&& python -m jobs.cli filter env:" in submit.entrypoint(cfg)
 
-    pins = submit.requirements()
+    pins = submit.requirements()  # requirements.lock's runtime section: the tested set, exact
     assert "torch==2.14.1" in pins and "typer==0.29.2" in pins and all("==" in p for p in pins)
+    assert not any(p.lower().startswith(("pytest==", "ruff==", "moto==")) for p in pins)  # test tools stay home
     for tool in ("pip", "uv"):
         shipped = submit.runtime_env(_filter_cfg(), ship_deps=tool)
         assert shipped[tool] == {"packages": pins}
-    assert {"PIL", "yaml", "open_clip", "faiss", "typer", "ray"} <= set(submit.import_names(pins))
+    deps = submit.dependencies()  # the probe checks the direct dependencies (ranges in pyproject.toml)
+    assert "torch>=2.14,<3" in deps and not any("==" in d for d in deps)
+    assert {"PIL", "yaml", "open_clip", "faiss", "typer", "ray"} <= set(submit.import_names(deps))
     with pytest.raises(ConfigError, match="already sets py_executable"):
         submit.runtime_env(cfg, ship_deps="pip")
     with pytest.raises(ConfigError, match="working_dir"):
@@ -174,6 +177,19 @@ def test_runtime_env_merges_the_configs_and_ships_pinned_deps():
 
         submit.check_submittable(FilterRunConfig.model_validate({"input": {"shards": "rel/*.tar"},
                                                                  "output": {"path": "/out"}}))
+
+
+def test_runtime_env_from_a_wheel_install_ships_the_packages_not_site_packages(monkeypatch):
+    """Installed from a wheel there is no checkout: the job gets the three installed packages as py_modules (the
+    user's py_modules after them), never the site-packages folder as its working_dir; --ship-deps still works."""
+    from jobs import submit
+
+    monkeypatch.setattr(submit, "PROJECT_ROOT", None)
+    env = submit.runtime_env(_filter_cfg(runtime_env={"py_modules": ["/opt/extra"]}), ship_deps="pip")
+    assert "working_dir" not in env
+    assert env["py_modules"] == [str(submit.PACKAGE_PARENT / n) for n in ("operators", "pipeline", "jobs")] + \
+        ["/opt/extra"]
+    assert env["pip"] == {"packages": submit.requirements()} and env["pip"]["packages"]
 
 
 def test_submission_id_depends_only_on_what_the_config_sets():
