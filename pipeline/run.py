@@ -91,6 +91,23 @@ def _ray_init(address: str | None, quiet: bool) -> None:
                  log_to_driver=not quiet, **level)
 
 
+def cpu_threads_warning(config: RunConfig, cores: int | None) -> str | None:
+    """The warning for an embedded run whose CPU-only actor pools ask for more threads than the machine has cores.
+
+    Ray gives an actor ``OMP_NUM_THREADS = num_cpus``, and the embedded Ray declares at least 4 logical CPUs so
+    that tasks fit beside the actors; two torch pools at ``num_cpus: 2`` on 2 cores then run 4 busy threads on 2
+    cores, and spin-waiting threads cost more than the overlap gains (benchmarks/bench_pipeline.py, sissi: 0.63 of
+    a bare loop with 2+2 threads, 1.12 with the default 1+1)."""
+    pools = [(name, pool) for name, pool in (("operator", config.operator), ("scoring", config.scoring))
+             if pool.num_gpus == 0]
+    threads = sum(pool.actors[1] * pool.num_cpus for _, pool in pools)
+    if not cores or threads <= cores:
+        return None
+    asked = ", ".join(f"{name}: {pool.actors[1]} x num_cpus {pool.num_cpus:g}" for name, pool in pools)
+    return (f"the CPU actor pools ask for {threads:g} threads on {cores} cores ({asked}); expect them to slow each "
+            "other down: lower num_cpus or actors")
+
+
 def _gpu_args(num_gpus: float) -> dict[str, float]:
     # Ray counts num_gpus=0 as a GPU request (ray#45201): only pass it when a GPU is wanted.
     return {"num_gpus": num_gpus} if num_gpus > 0 else {}
@@ -178,6 +195,10 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
     lease.check()  # a second writer is refused before it plans
     listing = list_sources(config)  # read-only: a source error exits before anything is created under the output
     started_ray = init_ray(address or config.ray.address, quiet=quiet)
+    embedded = started_ray and not (address or config.ray.address)
+    warning = cpu_threads_warning(config, os.cpu_count()) if embedded else None
+    if warning:
+        log.warning(warning)
     try:
         configure_data_context(config.ray.wait_for_actors_s, quiet)
         plan = plan_dataset(config, listing)
@@ -244,6 +265,10 @@ def plan_only(config: RunConfig, *, address: str | None = None, quiet: bool = Fa
             raise SourceError(f"--out: {out} exists; give a new folder")
     listing = list_sources(config)
     started_ray = init_ray(address or config.ray.address, quiet=quiet)
+    embedded = started_ray and not (address or config.ray.address)
+    warning = cpu_threads_warning(config, os.cpu_count()) if embedded else None
+    if warning:
+        log.warning(warning)
     try:
         configure_data_context(config.ray.wait_for_actors_s, quiet)
         plan = plan_dataset(config, listing)

@@ -13,7 +13,7 @@ import webdataset as wds
 
 from pipeline.config import validate_config
 from pipeline.plan import build_plan
-from pipeline.run import run
+from pipeline.run import cpu_threads_warning, run
 from tests.invariants import check_invariants, read_index
 
 pytestmark = pytest.mark.slow
@@ -179,3 +179,20 @@ def test_quality_heads_score_every_row_and_min_scores_at_the_median_keeps_half(r
         assert (r["status"] == "kept") == (r["score_aesthetic"] >= median), r
         if r["status"] == "rejected":
             assert f"< min_scores.aesthetic {median}" in r["reason"]
+
+
+def test_cpu_pools_asking_for_more_threads_than_cores_are_warned_about(tmp_path):
+    """Two torch pools at num_cpus 2 on 2 cores oversubscribe them (the bench's sissi row: 0.63 of a bare loop,
+    1.12 with the default one core each); GPU pools hold no CPU threads of their own."""
+    def cfg(op_cpus, sc_cpus, op_gpus=0.0):
+        return validate_config({"output": {"path": str(tmp_path)}, "content": {"prompts": str(tmp_path / "p.txt")},
+                                "style": {"images": str(tmp_path)},
+                                "operator": {"name": "color-transfer", "num_cpus": op_cpus, "num_gpus": op_gpus},
+                                "scoring": {"clip_model": "tiny:clip", "num_cpus": sc_cpus}})
+
+    assert cpu_threads_warning(cfg(1, 1), cores=2) is None
+    warning = cpu_threads_warning(cfg(2, 2), cores=2)
+    assert warning.startswith("the CPU actor pools ask for 4 threads on 2 cores")
+    assert "operator: 1 x num_cpus 2" in warning and "scoring: 1 x num_cpus 2" in warning
+    assert cpu_threads_warning(cfg(2, 2), cores=4) is None
+    assert cpu_threads_warning(cfg(2, 2, op_gpus=1), cores=2) is None  # the operator is on a GPU
