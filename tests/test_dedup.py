@@ -45,7 +45,10 @@ def test_clustered_rule_finds_the_planted_groups_like_the_exact_rule():
     exact = dedup.near_duplicates(keys, emb, scores, 0.9)
     assert set(exact) == expected_drops(scores, groups)
     clustered = dedup.clustered_near_duplicates(keys, emb, scores, 0.9, n_clusters=6)
-    assert clustered == exact
+    # Same drops and twins; the reported cosine comes from a product over another subset of rows, so its float32
+    # rounding may differ by an ulp or two (it does on AMD EPYC, not on the Intel Xeon CI ran on before).
+    assert {k: twin for k, (twin, _) in clustered.items()} == {k: twin for k, (twin, _) in exact.items()}
+    assert max(abs(clustered[k][1] - cos) for k, (_, cos) in exact.items()) <= 1e-5
 
 
 def test_clustered_rule_is_deterministic_and_independent_of_input_order():
