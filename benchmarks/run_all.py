@@ -71,15 +71,57 @@ def _previous() -> list[dict]:
             for r in record.get("results", [])]
 
 
-def code_changed(script: str) -> str | None:
-    """Date (YYYY-MM-DD) of the last commit touching the benchmark or the code it measures; None outside git."""
-    paths = [f"benchmarks/{script}", *DEPENDS.get(script, [])]
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", *paths], cwd=ROOT, capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _code_of(source: str | None) -> str | None:
+    """A Python file's syntax tree without docstrings (comments never reach it); None when it does not parse."""
+    import ast
+
+    if source is None:
+        return None
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def _changes_code(commit: str, paths: list[str]) -> bool:
+    """Whether ``commit`` changed more than docstrings and comments of the Python files under ``paths`` (a
+    citation fix in a docstring does not make a measurement stale); any other file counts as code."""
+    files = (_git("diff-tree", "--no-commit-id", "--name-only", "-r", "--root", commit, "--", *paths) or "").split()
+    for path in files:
+        if not path.endswith(".py"):
+            return True
+        before, after = (_git("show", f"{rev}:{path}") for rev in (f"{commit}^", commit))
+        if before is None or after is None or _code_of(before) is None or _code_of(before) != _code_of(after):
+            return True
+    return False
+
+
+def code_changed(script: str) -> str | None:
+    """Date (YYYY-MM-DD) of the last commit that changed the code of the benchmark or of what it measures (not
+    only its docstrings or comments); None outside git."""
+    paths = [f"benchmarks/{script}", *DEPENDS.get(script, [])]
+    log = _git("log", "--no-merges", "--format=%H %cs", "--", *paths)
+    if log is None:
+        return None
+    for line in log.splitlines():
+        commit, date = line.split()
+        if _changes_code(commit, paths):
+            return date
+    return None
 
 
 def measured_cell(row: dict, changed: str | None, several_cpus: bool) -> str:
