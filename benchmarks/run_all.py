@@ -104,8 +104,8 @@ def _changes_code(commit: str, paths: list[str]) -> bool:
     for path in files:
         if not path.endswith(".py"):
             return True
-        before, after = (_git("show", f"{rev}:{path}") for rev in (f"{commit}^", commit))
-        if before is None or after is None or _code_of(before) is None or _code_of(before) != _code_of(after):
+        before, after = (_code_of(_git("show", f"{rev}:{path}")) for rev in (f"{commit}^", commit))
+        if before is None or before != after:  # None: added, deleted or unparsable
             return True
     return False
 
