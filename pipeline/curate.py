@@ -7,8 +7,9 @@ The driver lists tar names and holds counts; everything per sample runs on the c
    (``EMB/<name>.parquet``, keyed, committed atomically). A later run with other thresholds reuses them.
 2. **Decide** (``pipeline.curate_decide``): failed inputs, basic checks, ``min_clip``, exact and near-duplicates,
    and ``top_fraction`` of the whole pool; deterministic, so a resumed run decides the same.
-3. **Write** (Ray write tasks): kept samples are copied into shards with their original members and bytes
-   (never re-encoded); every sample gets an index row (docs/architecture.md §5).
+3. **Write** (Ray write tasks): kept samples are copied into shards with their original bytes (never
+   re-encoded), under stylegen's own key: the screened image and the text members only (``pipeline.members``:
+   foreign names never reach the writer); every sample gets an index row (docs/architecture.md §5).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,8 +39,9 @@ from pipeline.config import (
 from pipeline.fs import read_range
 from pipeline.integrity import failed_mask, quarantine_unreadable, supersede
 from pipeline.lease import Lease, LeaseHeld
+from pipeline.members import kept_members, screened_image
 from pipeline.sink import OutputStore, commit_rows, shard_name
-from pipeline.sources import IMAGE_EXTS, PROMPT_COLUMNS, SourceError, _expand, _id_root, _relative_id
+from pipeline.sources import SourceError, _expand, _id_root, _relative_id
 from pipeline.tar_index import index_tar
 
 if TYPE_CHECKING:
@@ -182,21 +185,19 @@ def _index_tars(jobs: list[tuple[str, str]]) -> list[dict[str, Any]]:
 
 # ---- pass 1: embeddings --------------------------------------------------------------------------------
 def _caption(url: str, members: dict[str, list[int]]) -> str | None:
-    for ext in ("txt", "json"):
-        if ext in members and members[ext][1] <= 1_000_000:
-            raw = read_range(url, *members[ext])
-            try:
-                text = raw.decode("utf-8")
-                if ext == "txt":
-                    return text.strip()
-                obj = json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                continue
-            if isinstance(obj, dict):
-                for col in PROMPT_COLUMNS:
-                    if isinstance(obj.get(col), str):
-                        return obj[col].strip()
-    return None
+    """The sample's caption, by the reader ``run`` uses too (``pipeline.captions``): a bad one costs a warning
+    and the caption, never the sample."""
+    from pipeline.captions import read_caption
+
+    return read_caption(lambda offset, size: read_range(url, offset, size), members, url)
+
+
+def _stable(exc: BaseException) -> str:
+    """An exception as reason text that is the same on every run: no ``<... object at 0x...>`` addresses."""
+    return _ADDRESS_RE.sub("<object>", f"{exc}")
+
+
+_ADDRESS_RE = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class Embedder:
@@ -226,7 +227,7 @@ class Embedder:
             rec = {"key": row["key"], "clip": None, "width": None, "height": None, "caption": None, "error": None,
                    "image_emb": None, "text_emb": None, "sha1": None, "scores": None}
             out.append(rec)
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            ext = screened_image(members)  # the one image member a kept sample keeps (pipeline.members)
             if row.get("error"):
                 rec["error"] = row["error"]
                 continue
@@ -236,12 +237,14 @@ class Embedder:
             try:
                 data = read_range(row["url"], *members[ext])
                 rec["sha1"] = hashlib.sha1(data).hexdigest()
+                # the guards of `run` (decode.max_pixels, max_aspect) from the header first, stable reasons
+                image = decode_image(data, max_pixels=self.decode.max_pixels, max_side=self.decode.max_side,
+                                     max_aspect=self.decode.max_aspect)
                 with Image.open(io.BytesIO(data)) as probe:
-                    rec["width"], rec["height"] = probe.size
-                image = decode_image(data, max_pixels=self.decode.max_pixels, max_side=self.decode.max_side)
+                    rec["width"], rec["height"] = probe.size  # the stored size (decode_image may shrink it)
                 rec["caption"] = _caption(row["url"], members)
             except (DecodeError, OSError, ValueError, SyntaxError) as exc:
-                rec["error"] = f"image: {exc}"
+                rec["error"] = f"image: {_stable(exc)}"
                 continue
             images.append((rec, image))
             captions.append(rec["caption"])
@@ -306,10 +309,11 @@ class CurateSink:
 
 
 def copy_members(row: dict[str, Any], out: OutputConfig) -> dict[str, bytes | str]:
-    """A kept sample's original members, byte for byte, under its output key."""
-    sample: dict[str, bytes | str] = {"__key__": row["key"]}
-    for ext, (offset, size) in json.loads(row["members"]).items():
-        sample[ext] = read_range(row["url"], offset, size)
+    """A kept sample's screened image and its text members (``pipeline.members.kept_members``), byte for byte,
+    under its output key; the sample's own names (``__key__``, other members) are never written."""
+    members = json.loads(row["members"])
+    sample: dict[str, bytes | str] = {ext: read_range(row["url"], *members[ext]) for ext in kept_members(members)[0]}
+    sample["__key__"] = row["key"]
     return sample
 
 

@@ -222,9 +222,22 @@ def _decide_whole(batch: pa.Table, url: str, files: tuple[str, ...], rules: dict
                     _scores_json([scores.get(k) if s != "failed" else None for k, s in zip(keys, status, strict=True)]))
 
 
+def _meta(url: str, members: str) -> str:
+    """A row's ``meta``: the source tar, its members, and (when any) the members a kept copy drops
+    (``pipeline.members.kept_members``); foreign names are cut to a bounded length."""
+    from pipeline.members import kept_members, shown
+
+    names = json.loads(members)
+    meta = {"source": posixpath.basename(url), "members": [shown(e) for e in sorted(names)]}
+    dropped = kept_members(names)[1]
+    if dropped:
+        meta["dropped"] = [shown(e) for e in dropped]
+    return json.dumps(meta)
+
+
 def _decided(batch: pa.Table, status: list, reason: list, clip: list, prompt: list, scores: list) -> pa.Table:
-    meta = [json.dumps({"source": posixpath.basename(u), "members": sorted(json.loads(m))})
-            for u, m in zip(batch.column("url").to_pylist(), batch.column("members").to_pylist(), strict=True)]
+    meta = [_meta(u, m) for u, m in zip(batch.column("url").to_pylist(), batch.column("members").to_pylist(),
+                                        strict=True)]
     columns = [batch.column(c) for c in PLAN_COLUMNS] + [
         pa.array(status, pa.string()), pa.array(reason, pa.string()), pa.array(clip, pa.float64()),
         pa.array(prompt, pa.string()), pa.array(meta, pa.string()), pa.array(scores, pa.string())]

@@ -3,7 +3,8 @@
 
 :func:`check` lists every problem of an output with the file it concerns: an index file that cannot be read, a
 key in two index files, a kept row whose shard is missing, of another size than the index recorded, unreadable,
-or holding other keys than the kept ones, and stray files (orphan shards, staged leftovers, foreign files in
+or holding other keys than the kept ones, a shard with a member name that is not ``<16 hex>.<portable ext>`` or
+whose members are not grouped by key, and stray files (orphan shards, staged leftovers, foreign files in
 ``shards/`` and ``index/``). ``deep=False`` is the cheap start-up form of ``run`` and ``filter`` (a listing and
 the index columns, no tar is read); ``stylegen verify`` reads every tar.
 
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.members import output_name_problem, shown
 from pipeline.sink import DamagedFile, OutputStore, _conform
 from pipeline.tar_index import index_open_tar
 
@@ -204,9 +206,10 @@ def _check_shard(store: OutputStore, index_path: str, table: pa.Table, shard: st
                               f"replaced)", [shard, index_path])
     if not deep:
         return None
+    names: list[str] = []
     try:
         with store.fs.open(shard, "rb") as f:
-            tar = index_open_tar(f, shard)
+            tar = index_open_tar(f, shard, names)
     except Exception as exc:  # not a tar at all
         return Problem(shard, f"unreadable tar ({exc.__class__.__name__}: {exc})", [shard, index_path])
     broken = tar.truncated or next((s.error for s in tar.samples if s.error), None)
@@ -216,6 +219,26 @@ def _check_shard(store: OutputStore, index_path: str, table: pa.Table, shard: st
     if keys != kept:
         return Problem(shard, f"tar holds {len(keys - kept)} keys not kept in its index and lacks "
                               f"{len(kept - keys)} kept keys", [shard, index_path])
+    why = member_names_problem(names)
+    return Problem(shard, why, [shard, index_path]) if why else None
+
+
+def member_names_problem(names: list[str]) -> str | None:
+    """What is wrong with a shard's member names (in archive order), if anything: a name that is not
+    ``<16 hex>.<portable ext>`` (``pipeline.members``), or the members of one key not next to each other (a
+    WebDataset reader would split that sample in two)."""
+    seen: set[str] = set()
+    previous = None
+    for name in names:
+        why = output_name_problem(name)
+        if why:
+            return f"unsafe member name {shown(name)!r} ({why})"
+        key = name.partition(".")[0]
+        if key != previous:
+            if key in seen:
+                return f"members not grouped by key: {key} appears again after other keys"
+            seen.add(key)
+            previous = key
     return None
 
 

@@ -29,6 +29,7 @@ from ray.data.block import Block, BlockAccessor
 
 from pipeline.config import OutputConfig
 from pipeline.fs import get_fs, is_remote
+from pipeline.members import check_output_member
 from pipeline.stages import ROW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,9 @@ def _fsync_dir(path: str) -> None:
 def write_tar(fileobj: io.IOBase, samples: list[dict[str, bytes | str]]) -> None:
     """WebDataset tar (members ``KEY.EXT``) with samples sorted by key and members by extension, fixed metadata.
 
+    Every name is ``<16 hex>.<portable ext>`` (``pipeline.members``): any other refuses the whole write with a
+    ValueError rather than put a foreign or unsafe name into an output. Members of one key are contiguous.
+
     Written with the standard library rather than ``webdataset.TarWriter``: importing webdataset imports
     torch, which costs every Ray write worker ~300 MB of memory for twenty lines of tar writing.
     """
@@ -298,6 +302,7 @@ def write_tar(fileobj: io.IOBase, samples: list[dict[str, bytes | str]]) -> None
         for sample in sorted(samples, key=lambda s: s["__key__"]):
             key = sample["__key__"]
             for ext in sorted(k for k in sample if k != "__key__"):
+                check_output_member(key, ext)
                 data = sample[ext]
                 data = data.encode("utf-8") if isinstance(data, str) else data
                 info = tarfile.TarInfo(f"{key}.{ext}")

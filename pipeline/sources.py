@@ -425,29 +425,14 @@ def _read_tar(url: str, key: str, base: str) -> list[SourceItem]:
 
 
 def _tar_caption(f, members: dict[str, tuple[int, int]], url: str = "", sample_key: str = "") -> str | None:
-    for ext in ("txt", "json"):
-        if ext not in members or members[ext][1] > 1_000_000:
-            continue
-        offset, size = members[ext]
+    """The sample's caption from the open tar ``f``, by the reader ``filter`` uses too (``pipeline.captions``)."""
+    from pipeline.captions import read_caption
+
+    def read(offset: int, size: int) -> bytes:
         f.seek(offset)
-        raw = f.read(size)
-        try:
-            text = raw.decode("utf-8")
-            if ext == "txt":
-                prompt = _prompt_value(text)[0]
-                if prompt:
-                    return prompt
-                continue
-            obj = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            log.warning("%s: ignoring unreadable caption member %s.%s (%s)", url, sample_key, ext,
-                        exc.__class__.__name__)
-            continue
-        if isinstance(obj, dict):
-            for col in PROMPT_COLUMNS:
-                if isinstance(obj.get(col), str):
-                    return _prompt_value(obj[col])[0]
-    return None
+        return f.read(size)
+
+    return read_caption(read, members, url, sample_key)
 
 
 def _read_manifest(url: str, key: str) -> list[SourceItem]:

@@ -56,13 +56,16 @@ def _end_is_clean(f: BinaryIO, offset: int) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
-def index_open_tar(f: BinaryIO, url: str) -> TarIndex:
-    """Index an already opened (seekable) tar file; raises tarfile.ReadError if it is not a tar at all."""
+def index_open_tar(f: BinaryIO, url: str, names: list[str] | None = None) -> TarIndex:
+    """Index an already opened (seekable) tar file; raises tarfile.ReadError if it is not a tar at all.
+    ``names``, when given, receives every member name in archive order (``stylegen verify`` checks them)."""
     samples: dict[str, TarSample] = {}
     truncated = None
     with tarfile.open(fileobj=f, mode="r:") as tar:
         try:
             for info in tar:
+                if names is not None:
+                    names.append(info.name)
                 if info.isdir():
                     continue
                 match = KEY_RE.match(info.name)
