@@ -287,9 +287,9 @@ def test_retry_failed_forms_in_filter(ray_local, samples, tmp_path):
     from tests.unit_helpers import wds_tar
 
     images = sorted((samples / "content").iterdir())[:8]
-    # The filter's reasons for these (its decoding differs from run's): a sample with no image, an HTML page under
-    # an image name (PIL's "cannot identify image file <...>"), a truncated JPEG.
-    reasons = ("no image member", "cannot identify", "truncated")
+    # The filter's reasons for these (it decodes as run does): a sample with no image, an HTML page under an image
+    # name, a truncated JPEG.
+    reasons = ("no image member", "not an image", "truncated")
     jpeg = images[0].read_bytes()
     bad = [{"txt": b"caption only"}, {"jpg": BROKEN["HTML document"], "txt": b"html"},
            {"jpg": jpeg[:len(jpeg) // 2], "txt": b"truncated"}]
