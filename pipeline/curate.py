@@ -39,7 +39,7 @@ from pipeline.config import (
 from pipeline.fs import read_range
 from pipeline.integrity import failed_mask, quarantine_unreadable, supersede
 from pipeline.lease import Lease, LeaseHeld
-from pipeline.members import kept_members, screened_image
+from pipeline.members import kept_members, screened_image, shown
 from pipeline.sink import OutputStore, commit_rows, shard_name
 from pipeline.sources import SourceError, _expand, _id_root, _relative_id
 from pipeline.tar_index import index_tar
@@ -232,7 +232,7 @@ class Embedder:
                 rec["error"] = row["error"]
                 continue
             if ext is None:
-                rec["error"] = f"no image member (has: {', '.join(sorted(members))})"
+                rec["error"] = f"no image member (has: {', '.join(shown(e) for e in sorted(members))})"
                 continue
             try:
                 data = read_range(row["url"], *members[ext])

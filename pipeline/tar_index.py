@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from pipeline.fs import open_input
+from pipeline.members import shown
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,9 @@ def index_open_tar(f: BinaryIO, url: str, names: list[str] | None = None) -> Tar
                 key, ext = match.group(1), match.group(2).lower()
                 sample = samples.setdefault(key, TarSample(key))
                 if unsafe_member(info.name):
-                    sample.error = sample.error or f"unsafe tar member name {info.name!r} (absolute or '..')"
+                    sample.error = sample.error or f"unsafe tar member name {shown(info.name)!r} (absolute or '..')"
                 elif not info.isfile():
-                    sample.error = sample.error or f"tar member {info.name!r} is a link, not a file"
+                    sample.error = sample.error or f"tar member {shown(info.name)!r} is a link, not a file"
                 else:
                     sample.members[ext] = (info.offset_data, info.size)
             if not _end_is_clean(f, tar.offset):
@@ -87,7 +88,7 @@ def index_open_tar(f: BinaryIO, url: str, names: list[str] | None = None) -> Tar
     for sample in samples.values():
         for ext, (offset, length) in sample.members.items():
             if offset + length > size and sample.error is None:
-                sample.error = (f"tar is truncated: member {sample.key}.{ext!s} is cut off "
+                sample.error = (f"tar is truncated: member {shown(f'{sample.key}.{ext}')} is cut off "
                                 f"({max(0, size - offset)} of {length} bytes)")
     if truncated:
         log.warning("%s is truncated or corrupt after %d samples (%s); later samples are missing",
