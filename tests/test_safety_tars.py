@@ -115,6 +115,34 @@ def test_filter_writes_only_its_own_names_and_the_screened_image(ray_local, tmp_
     assert proc.returncode == 0 and "ok: 0 problems" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+def test_run_on_a_foreign_tar_loses_at_most_a_caption(ray_local, tmp_path):
+    from pipeline.run import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _tar(corpus / "in.tar", [
+        ("good.jpg", _jpg(1)), ("good.txt", b"a good \x1b[0msample"),
+        ("deep.jpg", _jpg(2)), ("deep.json", DEEP_JSON),
+        ("long.jpg", _jpg(3)), ("long.txt", b"long"), (f"long.{LONG_EXT}", b"payload"),
+        ("evil.jpg", _jpg(4)), ("evil.__key__", b"x/../../../tmp/p"), ("evil.txt", b"evil"),
+    ])
+    (tmp_path / "style").mkdir()
+    (tmp_path / "style" / "s.png").write_bytes(encoded(textured((32, 32), seed=7), "PNG"))
+    out = tmp_path / "out"
+    cfg = validate_config({
+        "output": {"path": str(out), "samples_per_shard": 8}, "content": {"images": str(corpus / "in.tar")},
+        "style": {"images": str(tmp_path / "style")}, "decode": {"max_side": 64},
+        "operator": {"name": "color-transfer"}, "scoring": {"clip_model": "tiny:clip", "batch_size": 8}})
+    summary = run(cfg, quiet=True)
+    assert (summary.planned, summary.kept, summary.failed) == (4, 4, 0), summary  # the whole tar is used
+    prompts = {r["content_id"]: r["prompt"] for r in read_index(str(out))}
+    assert prompts == {"in.tar/good": "a good [0msample", "in.tar/deep": None, "in.tar/long": "long",
+                       "in.tar/evil": "evil"}
+    assert len(_output_members(out)) == 4  # every name <16 hex>.<ext>
+    assert not any(p.name == "p" for p in tmp_path.rglob("*"))
+
+
 # ---- one caption reader ---------------------------------------------------------------------------------------
 def test_run_and_filter_read_captions_with_one_reader(tmp_path, caplog):
     path = _tar(tmp_path / "caps.tar", [
