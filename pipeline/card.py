@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any
 
+from pipeline.redact import public_config
 from pipeline.sink import OutputStore
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ def write_text(store: OutputStore, name: str, text: str) -> None:
 
 def write_card(store: OutputStore, record: dict[str, Any], *, in_progress: bool = False) -> None:
     """Write ``OUTPUT/README.md``; a card that cannot be written is logged, never fatal to the run."""
+    if isinstance(record.get("config"), dict):  # env var values and URL credentials never reach the card
+        record = {**record, "config": public_config(record["config"])}
     try:
         index = store.read_index(["status", "clip_content", "clip_style"]).to_pylist()
         write_text(store, CARD, render_card(record, index, in_progress=in_progress))
