@@ -49,7 +49,7 @@ def _score_table(index_rows: list[dict[str, Any]]) -> list[str]:
 
 def render_card(record: dict[str, Any], index_rows: list[dict[str, Any]], *, in_progress: bool = False) -> str:
     """The card's markdown from a run record (``run.json``'s layout) and the index rows."""
-    cfg = record.get("config") or {}
+    cfg = public_config(record.get("config") or {})  # env var values and URL credentials never reach the card
     op, sc, out = cfg.get("operator") or {}, cfg.get("scoring") or {}, cfg.get("output") or {}
     flt, content, style = cfg.get("filter") or {}, cfg.get("content") or {}, cfg.get("style") or {}
     versions = record.get("versions") or {}
@@ -134,8 +134,6 @@ def write_text(store: OutputStore, name: str, text: str) -> None:
 
 def write_card(store: OutputStore, record: dict[str, Any], *, in_progress: bool = False) -> None:
     """Write ``OUTPUT/README.md``; a card that cannot be written is logged, never fatal to the run."""
-    if isinstance(record.get("config"), dict):  # env var values and URL credentials never reach the card
-        record = {**record, "config": public_config(record["config"])}
     try:
         index = store.read_index(["status", "clip_content", "clip_style"]).to_pylist()
         write_text(store, CARD, render_card(record, index, in_progress=in_progress))

@@ -319,13 +319,12 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     """Run (or resume) a filter job under the writer leases of its output and (when it embeds) of its embeddings
     store; returns a RunSummary and writes ``run.json``. ``retry_failed`` re-plans failed samples (those whose
     reason contains it; "" for all), embeddings included."""
-    from pipeline.redact import secret_env
     from pipeline.run import configure_data_context, init_ray
 
     lease = Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
     jobs = list_inputs(cfg)
-    started_ray = init_ray(address or cfg.ray.address, quiet=quiet, env_vars=secret_env(cfg))
+    started_ray = init_ray(address or cfg.ray.address, quiet=quiet, runtime_env=cfg.ray.runtime_env)
     try:
         configure_data_context(cfg.ray.wait_for_actors_s, quiet)
         # Indexed once into the object store (the driver holds block references): an input error exits before

@@ -68,15 +68,15 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def init_ray(address: str | None, quiet: bool = False, env_vars: dict[str, str] | None = None) -> bool:
+def init_ray(address: str | None, quiet: bool = False, runtime_env: dict[str, Any] | None = None) -> bool:
     """Connect to ``address`` or start an embedded local Ray; return True if this call started it.
 
-    ``env_vars`` (the config's ``ray.runtime_env.env_vars``) reach every worker; their values are secrets, so
-    they are never logged, and values already redacted (``***``: a submitted job, which has the real ones from
-    its runtime_env) are not applied."""
+    The ``env_vars`` of ``runtime_env`` (the config's ``ray.runtime_env``) reach every worker; their values are
+    secrets, so they are never logged, and values already redacted (``***``: in a submitted job, which has the
+    real ones from its own runtime_env) are not applied."""
     import ray
 
-    env_vars = {k: v for k, v in (env_vars or {}).items() if v != REDACTED}
+    env_vars = {k: v for k, v in secret_env({"ray": {"runtime_env": runtime_env or {}}}).items() if v != REDACTED}
     register_secrets(env_vars.values())
     if ray.is_initialized():
         return False
@@ -218,7 +218,7 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
     lease = Lease(config.output.path, ttl_s=config.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
     listing = list_sources(config)  # read-only: a source error exits before anything is created under the output
-    started_ray = init_ray(address or config.ray.address, quiet=quiet, env_vars=secret_env(config))
+    started_ray = init_ray(address or config.ray.address, quiet=quiet, runtime_env=config.ray.runtime_env)
     embedded = started_ray and not (address or config.ray.address)
     warning = cpu_threads_warning(config, os.cpu_count()) if embedded else None
     if warning:
@@ -288,7 +288,7 @@ def plan_only(config: RunConfig, *, address: str | None = None, quiet: bool = Fa
         if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
             raise SourceError(f"--out: {out} exists; give a new folder")
     listing = list_sources(config)
-    started_ray = init_ray(address or config.ray.address, quiet=quiet, env_vars=secret_env(config))
+    started_ray = init_ray(address or config.ray.address, quiet=quiet, runtime_env=config.ray.runtime_env)
     embedded = started_ray and not (address or config.ray.address)
     warning = cpu_threads_warning(config, os.cpu_count()) if embedded else None
     if warning:

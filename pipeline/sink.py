@@ -29,7 +29,6 @@ from ray.data.block import Block, BlockAccessor
 
 from pipeline.config import OutputConfig
 from pipeline.fs import get_fs, is_remote
-from pipeline.redact import redact_text, redact_url
 from pipeline.stages import ROW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -317,8 +316,8 @@ def to_sample(row: dict[str, Any], output: OutputConfig) -> dict[str, bytes | st
     meta = {
         "key": row["key"],
         "prompt": row["prompt"],
-        "content_id": redact_text(row["content_id"]),
-        "style_id": redact_text(row["style_id"]),
+        "content_id": stored_row(row)["content_id"],
+        "style_id": stored_row(row)["style_id"],
         "seed": row["seed"],
         "clip_content": row["clip_content"],
         "clip_style": row["clip_style"],
@@ -348,6 +347,8 @@ def head_scores(row: dict[str, Any]) -> dict[str, float]:
 def stored_row(row: dict[str, Any]) -> dict[str, Any]:
     """A row as it may be stored: source URLs without credentials, reasons and ids without URL credentials or
     secret values (pipeline.redact). A redacted URL cannot be re-read; report and reproduce say so."""
+    from pipeline.redact import redact_text, redact_url
+
     out = dict(row)
     for name in ("content_url", "style_url"):
         if out.get(name):
