@@ -10,6 +10,7 @@ is not requested.
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -236,8 +237,8 @@ def test_sentinel_secret_is_nowhere_in_output_report_logs_or_console(tmp_path):
         row = by_prompt[prompt]
         assert REDACTED in (row["content_id"] or ""), row
         assert row["content_url"] is None or REDACTED in row["content_url"], row
-    html = (report / "report.html").read_text()
-    assert f'"STYLEGEN_TEST_TOKEN": "{REDACTED}"' in html  # the config block shows the name, not the value
+    page = html.unescape((report / "report.html").read_text())
+    assert f'"STYLEGEN_TEST_TOKEN": "{REDACTED}"' in page  # the config block shows the name, not the value
 
 
 # ---- readers of an edited output -----------------------------------------------------------------------------------
@@ -304,13 +305,13 @@ def test_report_on_an_edited_output_injects_nothing_and_reads_only_its_shards(tm
         proc = cli("report", str(out), "--out", str(report), timeout=180)
         assert server.requests == []  # a URL whose credentials were not stored is never requested
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    html = (report / "report.html").read_text()
-    tags = parse(html)
+    page = (report / "report.html").read_text()
+    tags = parse(page)
     assert not [t for t, _ in tags.tags if t == "script"]
     handlers = [(t, a) for t, attrs in tags.tags for a, _ in attrs if a.lower().startswith("on")]
     assert handlers == [], handlers
     assert not [v for t, attrs in tags.tags if t == "img" for a, v in attrs if a == "src" and v == "x"]
-    assert "x onmouseover=alert(1)" in html.replace("&#x27;", "'").replace("&quot;", '"')  # shown, as text
+    assert "x onmouseover=alert(1)" in html.unescape(page)  # shown, as text
     assert leaks(report) == [] and SENTINEL not in proc.stdout + proc.stderr
     for name in ("../evil.tar", str(tmp_path / "abs.tar"), "sub/x.tar"):
         assert f"shard {name!r} is not a plain file name under shards/" in proc.stderr, (name, proc.stderr)
