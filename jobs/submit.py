@@ -65,7 +65,8 @@ def kind(config) -> str:
 def submission_base(config, ship_deps: str | None = None) -> str:
     """The job id stem of ``config``: what the user set, so that a release adding a config key with a default
     does not change the id of an unchanged config (a resubmission finds its running job instead of racing it)."""
-    what = config.model_dump(mode="json", exclude_defaults=True) | ({"ship_deps": ship_deps} if ship_deps else {})
+    what = _masked_env(config.model_dump(mode="json", exclude_defaults=True))  # an id is public: no secret in it
+    what |= {"ship_deps": ship_deps} if ship_deps else {}
     blob = json.dumps(what, sort_keys=True)
     return "stylegen-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -150,7 +151,10 @@ def job_config(config) -> dict[str, Any]:
     """The config a job receives in ``STYLEGEN_CONFIG_YAML``: ``ray.runtime_env.env_vars`` values as ``***``
     (the job gets the real ones as environment variables from its runtime_env; an env var is visible in the
     dashboard's job info and would be copied into ``run.json``). Source URLs stay whole: the job reads them."""
-    dumped = config.model_dump(mode="json")
+    return _masked_env(config.model_dump(mode="json"))
+
+
+def _masked_env(dumped: dict[str, Any]) -> dict[str, Any]:
     env = ((dumped.get("ray") or {}).get("runtime_env") or {}).get("env_vars")
     if isinstance(env, dict):
         dumped["ray"]["runtime_env"]["env_vars"] = {k: REDACTED for k in env}

@@ -166,7 +166,7 @@ def test_public_config_masks_env_var_values_and_known_secrets_everywhere():
 
 
 def test_submitted_job_gets_env_vars_but_its_config_does_not(tmp_path):
-    from jobs.submit import CONFIG_ENV, runtime_env
+    from jobs.submit import CONFIG_ENV, runtime_env, submission_base
     from pipeline.config import validate_config
 
     cfg = validate_config({"output": {"path": str(tmp_path / "o")}, "content": {"prompts": str(tmp_path / "p.txt")},
@@ -180,6 +180,10 @@ def test_submitted_job_gets_env_vars_but_its_config_does_not(tmp_path):
     job_cfg = validate_config(yaml.safe_load(job_text))  # what the job's entrypoint parses
     assert job_cfg.ray.runtime_env["env_vars"] == {"HF_TOKEN": REDACTED}
     assert SENTINEL not in json.dumps({k: v for k, v in env.items() if k != "env_vars"})
+    # the job id is public (dashboard, console): derived from the config without the values, so it cannot be used
+    # to guess them, and a resubmission with a rotated token still finds the running job
+    other = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"runtime_env": {"env_vars": {"HF_TOKEN": "x"}}})})
+    assert submission_base(other) == submission_base(cfg)
 
 
 # ---- a real embedded run -------------------------------------------------------------------------------------------
