@@ -141,9 +141,12 @@ def _device(row: dict[str, Any], device: str | None) -> str:
     if device:
         return device
     try:
-        recorded = (json.loads(row.get("meta") or "{}").get("worker") or {}).get("device") or "cpu"
-    except ValueError:
-        recorded = "cpu"
+        meta = json.loads(row.get("meta") or "{}")
+    except (TypeError, ValueError):
+        meta = {}
+    worker = meta.get("worker") if isinstance(meta, dict) else None  # an edited index is data, not a crash
+    recorded = worker.get("device") if isinstance(worker, dict) else None
+    recorded = recorded if isinstance(recorded, str) else "cpu"
     if recorded.startswith("cuda"):
         import torch
 
@@ -188,7 +191,10 @@ def reproduce(output: str, key: str, *, config=None, device: str | None = None,
     store = OutputStore(output)
     row = find_row(store, key)
     if row["status"] != "kept":
-        raise NotReproducible(f"{key} is {row['status']} ({row.get('reason')}): no stored image to compare with")
+        raise NotReproducible(f"{key} is {row['status']} ({redact_text(str(row.get('reason')))}): no stored image "
+                              "to compare with")
+    if not isinstance(row.get("seed"), int):
+        raise NotReproducible(f"{key}: its index row has no seed ({row.get('seed')!r})")
     cfg = load_run_config(store, config)
     stored = stored_image(store, row)
     try:
