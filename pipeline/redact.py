@@ -96,7 +96,13 @@ def redact_text(text: str) -> str:
     for value in secrets:
         if value in text:
             text = text.replace(value, REDACTED)
-    return _URL.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text
+    return _URL.sub(_redact_match, text) if "://" in text else text
+
+
+def _redact_match(match: re.Match) -> str:
+    url = match.group(0)
+    core = url.rstrip(").,;:!]}")  # "(see https://h/x?sig=s)": the bracket and full stop are prose, not the URL
+    return redact_url(core) + url[len(core):]
 
 
 def redact_value(value: Any) -> Any:

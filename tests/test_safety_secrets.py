@@ -145,6 +145,7 @@ def test_redact_url_removes_credentials_and_signing_parameters(url):
     assert redact_url(clean) == clean  # idempotent
     text = f"cannot read {url}: HTTPError 403 (from {url})"
     assert SENTINEL not in redact_text(text) and redact_text(text).startswith("cannot read ")
+    assert redact_text(text).endswith(")")
 
 
 def test_redact_url_keeps_a_plain_url_byte_for_byte():
