@@ -359,3 +359,41 @@ def test_stored_image_decodes_under_the_pixel_limit(tmp_path):
     assert open_stored(data, 5000).size == (100, 50)
     with pytest.raises(UntrustedValue, match="exceeds max_pixels=4999"):
         open_stored(data, 4999)
+
+
+# ---- logs and console ----------------------------------------------------------------------------------------------
+def test_log_lines_and_tracebacks_carry_no_url_credential_or_env_secret(monkeypatch):
+    import logging
+
+    import pipeline  # noqa: F401 - importing the package installs the redaction, in every process that runs it
+
+    monkeypatch.setenv("STYLEGEN_TEST_API_TOKEN", f"env-{SENTINEL}")
+    monkeypatch.setenv(SECRET_ENV, "STYLEGEN_TEST_API_TOKEN")  # as a worker of a run with that env var has it
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("tests.safety_secrets")
+    log.addHandler(handler)
+    try:
+        log.warning("cannot read %s (token %s)", f"https://h/a.png?X-Amz-Signature={SENTINEL}",
+                    f"env-{SENTINEL}")
+        try:
+            raise OSError(f"403 for https://user:{SENTINEL}@h/a.png")
+        except OSError:
+            log.exception("decode failed")
+    finally:
+        log.removeHandler(handler)
+    text = buf.getvalue()
+    assert "X-Amz-Signature=***" in text and "OSError: 403 for https://***@h/a.png" in text, text
+    assert SENTINEL not in text
+
+
+def test_cli_error_line_shows_no_url_credential(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "output": {"path": str(tmp_path / "out")},
+        "content": {"images": f"file://{tmp_path}/missing/a.png?X-Amz-Signature={SENTINEL}"},
+        "style": {"images": str(tmp_path / "missing")}}))
+    proc = cli("validate", str(config), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert SENTINEL not in proc.stdout + proc.stderr, proc.stderr  # the URL is named, its signature is not
