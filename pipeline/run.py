@@ -305,13 +305,28 @@ def plan_only(config: RunConfig, *, address: str | None = None, quiet: bool = Fa
             from ray.data import DataContext
 
             DataContext.get_current().execution_options.preserve_order = True
-            plan.write_parquet(path, filesystem=arrow_fs(fs))
+            plan.map_batches(public_plan, batch_format="pyarrow", batch_size=None).write_parquet(
+                path, filesystem=arrow_fs(fs))
         return PlanSummary(planned, todo, out)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def public_plan(batch):
+    """A plan block as ``plan --out`` stores it: ids, source URLs and errors without URL credentials or secret
+    values (a plain URL stays byte for byte)."""
+    import pyarrow as pa
+
+    from pipeline.redact import redact_text
+
+    for name in ("content_id", "style_id", "content_url", "style_url", "error"):
+        if name in batch.column_names:
+            column = pa.array([redact_text(v) for v in batch.column(name).to_pylist()], batch.schema.field(name).type)
+            batch = batch.set_column(batch.schema.get_field_index(name), name, column)
+    return batch
 
 
 def run_record(config: RunConfig, summary: RunSummary, dataset: dict[str, int]) -> dict[str, Any]:

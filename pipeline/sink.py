@@ -316,8 +316,8 @@ def to_sample(row: dict[str, Any], output: OutputConfig) -> dict[str, bytes | st
     meta = {
         "key": row["key"],
         "prompt": row["prompt"],
-        "content_id": stored_row(row)["content_id"],
-        "style_id": stored_row(row)["style_id"],
+        "content_id": stored_row({"content_id": row["content_id"]})["content_id"],  # no URL credential in an id
+        "style_id": stored_row({"style_id": row["style_id"]})["style_id"],
         "seed": row["seed"],
         "clip_content": row["clip_content"],
         "clip_style": row["clip_style"],

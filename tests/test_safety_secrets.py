@@ -397,3 +397,25 @@ def test_cli_error_line_shows_no_url_credential(tmp_path):
     proc = cli("validate", str(config), timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
     assert SENTINEL not in proc.stdout + proc.stderr, proc.stderr  # the URL is named, its signature is not
+
+
+def test_plan_out_stores_no_url_credential(tmp_path):
+    content, style = tmp_path / "content", tmp_path / "style"
+    content.mkdir()
+    style.mkdir()
+    textured((32, 32), seed=2).save(style / "s0.png")
+    textured((32, 32), seed=1).save(content / "c0.png")
+    rows = [{"image": "c0.png", "prompt": "local"},
+            {"image": f"http://user:{SENTINEL}@127.0.0.1:9/a.png", "prompt": "userinfo"},
+            {"image": f"http://127.0.0.1:9/b.png?X-Amz-Signature={SENTINEL}", "prompt": "presigned"}]
+    (content / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output": {"path": str(tmp_path / "out")},
+                                      "content": {"images": str(content / "m.jsonl")},
+                                      "style": {"images": str(style)}}))
+    plan = tmp_path / "plan"
+    proc = cli("plan", str(config), "--quiet", "--out", str(plan), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pq.read_table(plan)
+    assert table.num_rows == 3 and leaks(plan) == [] and SENTINEL not in proc.stdout + proc.stderr
+    assert str(content / "c0.png") in table.column("content_url").to_pylist()  # a plain location stays as it is
