@@ -27,7 +27,9 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from pipeline.redact import redact_text
+
+    typer.echo(f"error: {redact_text(message)}", err=True)  # no URL credential or secret value on the console
     raise typer.Exit(code)
 
 

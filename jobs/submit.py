@@ -38,6 +38,7 @@ import yaml
 from jobs.auth import enable_token_auth
 from pipeline.config import ConfigError, RunConfig
 from pipeline.fs import is_remote
+from pipeline.redact import REDACTED, SECRET_ENV, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def kind(config) -> str:
 def submission_base(config, ship_deps: str | None = None) -> str:
     """The job id stem of ``config``: what the user set, so that a release adding a config key with a default
     does not change the id of an unchanged config (a resubmission finds its running job instead of racing it)."""
-    what = config.model_dump(mode="json", exclude_defaults=True) | ({"ship_deps": ship_deps} if ship_deps else {})
+    what = _masked_env(config.model_dump(mode="json", exclude_defaults=True))  # an id is public: no secret in it
+    what |= {"ship_deps": ship_deps} if ship_deps else {}
     blob = json.dumps(what, sort_keys=True)
     return "stylegen-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -145,11 +147,25 @@ def entrypoint(config=None) -> str:
 SHIP_DEPS = ("pip", "uv")
 
 
+def job_config(config) -> dict[str, Any]:
+    """The config a job receives in ``STYLEGEN_CONFIG_YAML``: ``ray.runtime_env.env_vars`` values as ``***``
+    (the job gets the real ones as environment variables from its runtime_env; an env var is visible in the
+    dashboard's job info and would be copied into ``run.json``). Source URLs stay whole: the job reads them."""
+    return _masked_env(config.model_dump(mode="json"))
+
+
+def _masked_env(dumped: dict[str, Any]) -> dict[str, Any]:
+    env = ((dumped.get("ray") or {}).get("runtime_env") or {}).get("env_vars")
+    if isinstance(env, dict):
+        dumped["ray"]["runtime_env"]["env_vars"] = {k: REDACTED for k in env}
+    return dumped
+
+
 def runtime_env(config, ship_deps: str | None = None) -> dict[str, Any]:
     """This project as the working_dir (an installed wheel: its packages as py_modules), the config in an
     environment variable, ``ray.runtime_env`` merged in (its ``env_vars``, ``excludes`` and ``py_modules`` added to
     ours), and with ``ship_deps`` the locked runtime requirements."""
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True)
+    text = yaml.safe_dump(job_config(config), sort_keys=True)
     env_vars = {}
     for name in ("STYLEGEN_CACHE", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         if os.environ.get(name):  # locations only; credentials stay on the cluster's own environment
@@ -161,8 +177,9 @@ def runtime_env(config, ship_deps: str | None = None) -> dict[str, Any]:
     user_env = own.pop("env_vars", None) or {}
     if not isinstance(user_env, dict) or not all(isinstance(v, str) for v in user_env.values()):
         raise ConfigError("ray.runtime_env.env_vars: must map names to strings")
+    secret = {SECRET_ENV: ",".join(sorted(user_env))} if user_env else {}  # the job's processes redact them
     env = {"excludes": EXCLUDES + list(own.pop("excludes", None) or []),
-           "env_vars": env_vars | user_env | {CONFIG_ENV: text}}
+           "env_vars": env_vars | user_env | secret | {CONFIG_ENV: text}}
     if PROJECT_ROOT is not None:
         env["working_dir"] = str(PROJECT_ROOT)
     else:  # a wheel install: ship the installed packages, not the site-packages folder they sit in
@@ -197,7 +214,7 @@ def submit(config, address: str, ship_deps: str | None = None) -> tuple[str, boo
         attempt += 1  # a failed or stopped attempt: resume under a new id (the run itself resumes)
     _retry_transient(lambda: jobs.submit_job(entrypoint=entrypoint(config), submission_id=sub_id,
                                              runtime_env=env,
-                                             metadata={"tool": "stylegen", "output": config.output.path}))
+                                             metadata={"tool": "stylegen", "output": redact_url(config.output.path)}))
     return sub_id, True
 
 

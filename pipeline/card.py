@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any
 
+from pipeline.redact import public_config
 from pipeline.sink import OutputStore
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def _score_table(index_rows: list[dict[str, Any]]) -> list[str]:
 
 def render_card(record: dict[str, Any], index_rows: list[dict[str, Any]], *, in_progress: bool = False) -> str:
     """The card's markdown from a run record (``run.json``'s layout) and the index rows."""
-    cfg = record.get("config") or {}
+    cfg = public_config(record.get("config") or {})  # env var values and URL credentials never reach the card
     op, sc, out = cfg.get("operator") or {}, cfg.get("scoring") or {}, cfg.get("output") or {}
     flt, content, style = cfg.get("filter") or {}, cfg.get("content") or {}, cfg.get("style") or {}
     versions = record.get("versions") or {}

@@ -328,7 +328,7 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     lease = Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
     jobs = list_inputs(cfg)
-    started_ray = init_ray(address or cfg.ray.address, quiet=quiet)
+    started_ray = init_ray(address or cfg.ray.address, quiet=quiet, runtime_env=cfg.ray.runtime_env)
     try:
         configure_data_context(cfg.ray.wait_for_actors_s, quiet)
         # Indexed once into the object store (the driver holds block references): an input error exits before
@@ -365,6 +365,7 @@ def _curate(cfg: FilterRunConfig, plan: Dataset, *, quiet: bool, retry_failed: s
 
     from operators.clip_score import resolve_clip
     from pipeline.curate_decide import decisions_dataset, removed_by
+    from pipeline.redact import public_config
     from pipeline.resume import todo_dataset
     from pipeline.run import RunSummary, _gpu_args, open_output, package_versions, tally
 
@@ -422,7 +423,7 @@ def _curate(cfg: FilterRunConfig, plan: Dataset, *, quiet: bool, retry_failed: s
     summary.timings["total_s"] = round(time.time() - started, 3)
     _, _, meaningful = resolve_clip(sc.clip_model, sc.clip_pretrained)
     store.write_json("run.json", {
-        "kind": "filter", "config": cfg.model_dump(mode="json"), "filter_hash": cfg.filter_hash(),
+        "kind": "filter", "config": public_config(cfg), "filter_hash": cfg.filter_hash(),
         "versions": package_versions(), "this_run": asdict(summary),
         "counters": {"clip_images_encoded": n_embed, "embeddings_reused": planned - n_embed},
         "removed_by": removed if removed is not None else (previous or {}).get("removed_by"),

@@ -24,7 +24,18 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.card import score_summary
+from pipeline.redact import is_redacted, public_config, redact_text
 from pipeline.sink import OutputStore
+from pipeline.untrusted import (
+    DEFAULT_MAX_PIXELS,
+    UntrustedValue,
+    max_pixels_of,
+    open_stored,
+    read_member,
+    shard_problem,
+    shard_url,
+    status_class,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +75,16 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
 
 def score_of(row: dict[str, Any]) -> float | None:
     """Ranking score: the mean of the finite CLIP scores the row has (None when it has none)."""
-    vals = [row.get(k) for k in SCORES]
-    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    vals = [_num(row.get(k)) for k in SCORES]
+    vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for anything else (an edited index may hold strings where scores belong)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def reason_kind(reason: str | None) -> str:
@@ -87,16 +105,22 @@ def read_rows(store: OutputStore) -> list[dict[str, Any]]:
     return table.to_pylist()
 
 
-def load_stored(store: OutputStore, rows: list[dict[str, Any]]) -> dict[str, SampleImages]:
-    """Output (and stored input) images of kept rows, one pass per shard."""
+def load_stored(store: OutputStore, rows: list[dict[str, Any]],
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, SampleImages]:
+    """Output (and stored input) images of kept rows, one pass per shard. A row whose ``shard`` is not a plain
+    file name under ``shards/`` is skipped with a warning; images decode under ``max_pixels``."""
     by_shard: dict[str, set[str]] = {}
     for r in rows:
         if r.get("status") == "kept" and r.get("shard"):
+            problem = shard_problem(r["shard"])
+            if problem:
+                log.warning("skipping index row %s: %s", r.get("key"), problem)
+                continue
             by_shard.setdefault(r["shard"], set()).add(r["key"])
     found: dict[str, SampleImages] = {}
     for shard, keys in sorted(by_shard.items()):
         try:
-            with store.fs.open(f"{store.shards}/{shard}", "rb") as f, tarfile.open(fileobj=f) as tar:
+            with store.fs.open(shard_url(store.shards, shard), "rb") as f, tarfile.open(fileobj=f) as tar:
                 for member in tar:
                     key, _, ext = member.name.partition(".")
                     if key not in keys or not member.isfile():
@@ -105,10 +129,12 @@ def load_stored(store: OutputStore, rows: list[dict[str, Any]]) -> dict[str, Sam
                             else "output" if ext in IMAGE_EXTS else None)
                     if slot is None:
                         continue
-                    data = tar.extractfile(member).read()
-                    im = Image.open(io.BytesIO(data))
-                    im.load()
-                    setattr(found.setdefault(key, SampleImages()), slot, im.convert("RGB"))
+                    try:
+                        im = open_stored(read_member(tar, member), max_pixels)
+                    except UntrustedValue as exc:
+                        log.warning("shard %s: skipping %s: %s", shard, member.name, exc)
+                        continue
+                    setattr(found.setdefault(key, SampleImages()), slot, im)
         except Exception as exc:  # a missing or unreadable shard shows as empty tiles, not a failed report
             log.warning("cannot read shard %s: %s", shard, exc)
     return found
@@ -140,7 +166,11 @@ def read_input(ref: dict[str, Any], side: str, decode: dict[str, Any]) -> Image.
     from pipeline.images import decode_image
 
     url = ref.get(f"{side}_url")
-    if not url:
+    if not url or not isinstance(url, str):
+        return None
+    if is_redacted(url):
+        log.warning("not re-reading %s input of %s: source URL carried credentials and was not stored (%s)", side,
+                    ref.get("key"), url)
         return None
     offset, size = ref.get(f"{side}_offset") or 0, ref.get(f"{side}_size")
     try:
@@ -179,7 +209,8 @@ def _fit(im: Image.Image | None, side: int, label: str) -> Image.Image:
     return tile
 
 
-def _fmt(v: float | None) -> str:
+def _fmt(v: Any) -> str:
+    v = _num(v)
     return "—" if v is None else f"{v:.3f}"
 
 
@@ -298,10 +329,10 @@ def _rank_table(rows: list[dict[str, Any]], images: dict[str, SampleImages]) -> 
         ims = images.get(r["key"], SampleImages())
         body.append(
             f"<tr><td class=num>{i}</td><td>{_thumb(ims.output)}</td><td>{_thumb(ims.style)}</td>"
-            f"<td><code>{_e(r['key'])}</code></td><td class={_e(r['status'])}>{_e(r['status'])}</td>"
+            f"<td><code>{_e(r['key'])}</code></td><td class={status_class(r['status'])}>{_e(r['status'])}</td>"
             f"<td class=num>{_fmt(r.get('clip_content'))}</td><td class=num>{_fmt(r.get('clip_style'))}</td>"
-            f"<td>{_e((r.get('prompt') or '')[:120])}</td><td>{_e(r.get('style_id'))}</td>"
-            f"<td>{_e(r.get('reason'))}</td></tr>")
+            f"<td>{_e(str(r.get('prompt') or '')[:120])}</td><td>{_e(r.get('style_id'))}</td>"
+            f"<td>{_e(redact_text(r.get('reason')))}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>" if body else "<p class=muted>no scored samples</p>"
 
 
@@ -310,6 +341,7 @@ def render_html(*, output: str, record: dict[str, Any] | None, rows: list[dict[s
                 sheet_n: int, hists: dict[str, str], worst: list[dict[str, Any]], best: list[dict[str, Any]],
                 images: dict[str, SampleImages]) -> str:
     config = (record or {}).get("config")
+    config = config if isinstance(config, dict) else None
     planned = ((record or {}).get("dataset") or {}).get("planned")
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>stylegen report: {_e(output)}</title>"
              f"<style>{CSS}</style></head><body>",
@@ -324,11 +356,13 @@ def render_html(*, output: str, record: dict[str, Any] | None, rows: list[dict[s
     cards = [("handled", len(rows))] + ([("planned", planned)] if planned is not None else [])
     cards += [(k, counts.get(k, 0)) for k in ("kept", "rejected", "failed")]
     parts.append("<h2>Counts</h2><div class=cards>" + "".join(
-        f"<div class=card><span class={k}>{k}</span><b>{v}</b></div>" for k, v in cards) + "</div>")
+        f"<div class=card><span class={status_class(k)}>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in cards)
+        + "</div>")
     parts.append("<h2>Rejections and failures by reason</h2>")
     if reasons:
         parts.append("<table><tr><th>status</th><th>reason</th><th>count</th><th>example</th></tr>" + "".join(
-            f"<tr><td class={_e(s)}>{_e(s)}</td><td>{_e(kind)}</td><td class=num>{n}</td><td>{_e(ex)}</td></tr>"
+            f"<tr><td class={status_class(s)}>{_e(s)}</td><td>{_e(kind)}</td><td class=num>{n}</td>"
+            f"<td>{_e(ex)}</td></tr>"
             for s, kind, n, ex in reasons) + "</table>")
     else:
         parts.append("<p class=muted>none</p>")
@@ -353,8 +387,9 @@ def render_html(*, output: str, record: dict[str, Any] | None, rows: list[dict[s
     parts.append(_rank_table(best, images))
     parts.append("<h2>Configuration</h2>")
     if config is not None:
-        parts.append(f"<pre>{_e(json.dumps(config, indent=2, sort_keys=True))}</pre>")
-        versions = (record or {}).get("versions") or {}
+        parts.append(f"<pre>{_e(json.dumps(public_config(config), indent=2, sort_keys=True))}</pre>")
+        versions = (record or {}).get("versions")
+        versions = versions if isinstance(versions, dict) else {}
         parts.append("<p class=muted>" + _e(", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v))
                      + "</p>")
     else:
@@ -376,22 +411,25 @@ def make_report(output: str, out_dir: str | None = None, *, max_samples: int = 2
     out_dir = out_dir or default_out(output)
     os.makedirs(out_dir, exist_ok=True)
     record = store.read_json("run.json")
+    record = record if isinstance(record, dict) else None  # an edited run.json is data, not a crash
     config = (record or {}).get("config")
-    rows = sorted(read_rows(store), key=lambda r: r["key"])
+    config = config if isinstance(config, dict) else None
+    rows = sorted(read_rows(store), key=lambda r: str(r["key"]))
     by_key = {r["key"]: r for r in rows}
     counts = Counter(r["status"] for r in rows)
 
     groups: dict[tuple[str, str], list[str]] = {}
     for r in rows:
         if r["status"] != "kept":
-            groups.setdefault((r["status"], reason_kind(r.get("reason"))), []).append(r.get("reason") or "")
+            reason = redact_text(str(r.get("reason") or ""))  # outputs written before redaction existed
+            groups.setdefault((r["status"], reason_kind(reason)), []).append(reason)
     reasons = sorted(((s, k, len(v), v[0]) for (s, k), v in groups.items()), key=lambda t: (-t[2], t[0], t[1]))
 
     scored = sorted((r for r in rows if score_of(r) is not None), key=lambda r: (score_of(r), r["key"]))
     worst, best = scored[:table_rows], scored[::-1][:table_rows]
     sheet_rows = [r for r in rows if r["status"] == "kept"][:max_samples]
     wanted = {r["key"]: r for r in [*sheet_rows, *worst, *best]}
-    images = load_stored(store, list(wanted.values()))
+    images = load_stored(store, list(wanted.values()), max_pixels_of(config))
     for r in wanted.values():  # rejected rows have no stored output but their inputs are still worth showing
         images.setdefault(r["key"], SampleImages())
     fill_inputs(images, by_key, config)

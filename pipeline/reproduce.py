@@ -9,7 +9,6 @@ should give the same pixels; otherwise the difference is measured.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -20,7 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.redact import is_redacted, redact_text
 from pipeline.sink import OutputStore
+from pipeline.untrusted import UntrustedValue, open_stored, read_member, shard_url
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +79,45 @@ def find_row(store: OutputStore, key: str) -> dict[str, Any]:
 
 
 def stored_image(store: OutputStore, row: dict[str, Any]) -> bytes:
-    """The output image bytes of a kept sample, from its shard."""
-    with store.fs.open(f"{store.shards}/{row['shard']}", "rb") as f, tarfile.open(fileobj=f) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key == row["key"] and ext in ("png", "jpg", "jpeg", "webp"):
-                return tar.extractfile(member).read()
+    """The output image bytes of a kept sample, from its shard (a plain file name under ``shards/`` only)."""
+    try:
+        url = shard_url(store.shards, row.get("shard"))
+        with store.fs.open(url, "rb") as f, tarfile.open(fileobj=f) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if key == row["key"] and ext in ("png", "jpg", "jpeg", "webp") and member.isfile():
+                    return read_member(tar, member)
+    except UntrustedValue as exc:
+        raise NotReproducible(f"{row['key']}: {exc}") from None
     raise NotReproducible(f"{row['key']}: no image in shard {row['shard']}")
 
 
 def _inputs(row: dict[str, Any], cfg) -> dict[str, Any]:
-    """Where the inputs came from: the index row, or (older outputs) the re-planned sample."""
-    if row.get("style_url"):
+    """Where the inputs came from: the index row, or (older outputs, and sources whose URLs carried credentials,
+    which the index does not store) the sample re-planned from the config."""
+    redacted = [side for side in ("content", "style") if is_redacted(row.get(f"{side}_url"))]
+    if row.get("style_url") and not redacted:
         return row
+    if redacted:
+        try:
+            return _replanned(row, cfg)
+        except Exception as exc:  # a config of redacted URLs cannot be planned: say why, once
+            raise NotReproducible(
+                f"{row['key']}: its {' and '.join(redacted)} source URL carried credentials and was not stored; "
+                "pass the run's config with --config to re-read the inputs from their sources "
+                f"({redact_text(str(exc))[:200]})") from None
+    return _replanned(row, cfg)
+
+
+def _replanned(row: dict[str, Any], cfg) -> dict[str, Any]:
     from pipeline.plan import build_plan
 
     for sample in build_plan(cfg):
         if sample.key == row["key"]:
-            return sample.to_row()
+            ref = sample.to_row()
+            if any(is_redacted(ref.get(f"{side}_url")) for side in ("content", "style")):
+                raise NotReproducible("the config's source URLs are redacted too (run.json)")
+            return ref
     raise NotReproducible(f"{row['key']}: its inputs are not recorded and re-planning the config does not find it")
 
 
@@ -119,9 +141,12 @@ def _device(row: dict[str, Any], device: str | None) -> str:
     if device:
         return device
     try:
-        recorded = (json.loads(row.get("meta") or "{}").get("worker") or {}).get("device") or "cpu"
-    except ValueError:
-        recorded = "cpu"
+        meta = json.loads(row.get("meta") or "{}")
+    except (TypeError, ValueError):
+        meta = {}
+    worker = meta.get("worker") if isinstance(meta, dict) else None  # an edited index is data, not a crash
+    recorded = worker.get("device") if isinstance(worker, dict) else None
+    recorded = recorded if isinstance(recorded, str) else "cpu"
     if recorded.startswith("cuda"):
         import torch
 
@@ -166,9 +191,16 @@ def reproduce(output: str, key: str, *, config=None, device: str | None = None,
     store = OutputStore(output)
     row = find_row(store, key)
     if row["status"] != "kept":
-        raise NotReproducible(f"{key} is {row['status']} ({row.get('reason')}): no stored image to compare with")
+        raise NotReproducible(f"{key} is {row['status']} ({redact_text(str(row.get('reason')))}): no stored image "
+                              "to compare with")
+    if not isinstance(row.get("seed"), int):
+        raise NotReproducible(f"{key}: its index row has no seed ({row.get('seed')!r})")
     cfg = load_run_config(store, config)
     stored = stored_image(store, row)
+    try:
+        old = open_stored(stored, cfg.decode.max_pixels)  # the stored image is data: the run's pixel limit
+    except UntrustedValue as exc:
+        raise NotReproducible(f"{key}: {exc}") from None
     ref = _inputs(row, cfg)
     dev = _device(row, device)
     item = {"key": key, "prompt": row["prompt"], "style": decode_input(ref, "style", cfg),
@@ -178,8 +210,7 @@ def reproduce(output: str, key: str, *, config=None, device: str | None = None,
         raise RuntimeError(f"{key}: the operator did not produce an image: {result.get('error')}")
     out = cfg.output
     data = encode_image(result["image"], out.image_format, out.jpeg_quality)
-    new, old = open_rgb(data), Image.open(io.BytesIO(stored))
-    old.load()
+    new = open_rgb(data)
     if new.size != old.size:
         return Reproduction(key, cfg.operator.name, dev, False, False, 255, 0.0, new.size, old.size, new)
     max_diff, psnr = compare(new, old)

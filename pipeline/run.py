@@ -23,6 +23,15 @@ from pipeline.integrity import failed_mask, startup_repair, supersede
 from pipeline.lease import Lease
 from pipeline.plan_dataset import SAMPLE_COLUMNS, SMALL_PLAN, list_sources, plan_dataset
 from pipeline.progress import ProgressReporter
+from pipeline.redact import (
+    REDACTED,
+    SECRET_ENV,
+    apply_secret_env,
+    public_config,
+    register_secrets,
+    restore_env,
+    secret_env,
+)
 from pipeline.resume import status_totals, todo_dataset
 from pipeline.sink import OutputStore, ShardDatasink
 
@@ -59,16 +68,22 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def init_ray(address: str | None, quiet: bool = False) -> bool:
-    """Connect to ``address`` or start an embedded local Ray; return True if this call started it."""
+def init_ray(address: str | None, quiet: bool = False, runtime_env: dict[str, Any] | None = None) -> bool:
+    """Connect to ``address`` or start an embedded local Ray; return True if this call started it.
+
+    The ``env_vars`` of ``runtime_env`` (the config's ``ray.runtime_env``) reach every worker; their values are
+    secrets, so they are never logged, and values already redacted (``***``: in a submitted job, which has the
+    real ones from its own runtime_env) are not applied."""
     import ray
 
+    env_vars = {k: v for k, v in secret_env({"ray": {"runtime_env": runtime_env or {}}}).items() if v != REDACTED}
+    register_secrets(env_vars.values())
     if ray.is_initialized():
         return False
     main = threading.current_thread() is threading.main_thread()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        _ray_init(address, quiet)
+        _ray_init(address, quiet, env_vars)
     finally:  # ray.init installs handlers of its own; the caller's (a clean stop on SIGTERM/SIGINT) win
         for sig, handler in handlers.items():
             if handler is not None:
@@ -76,19 +91,28 @@ def init_ray(address: str | None, quiet: bool = False) -> bool:
     return True
 
 
-def _ray_init(address: str | None, quiet: bool) -> None:
+def _ray_init(address: str | None, quiet: bool, env_vars: dict[str, str]) -> None:
     import ray
 
     level = {"logging_level": logging.WARNING} if quiet else {}  # --quiet: no "Started a local Ray instance"
     if address:
+        if env_vars:  # a cluster's workers get them through Ray's runtime_env
+            names = ",".join(sorted(env_vars))
+            level["runtime_env"] = {"env_vars": {**env_vars, SECRET_ENV: names}}
         ray.init(address=address, log_to_driver=not quiet, **level)
     else:
         # Logical CPUs only bound concurrency: the stylize and score actors each hold one, and the decode
         # and write tasks need room beside them even on a 2-core laptop.
         # address="local" always starts a private instance, never attaches to a `ray start` cluster that
         # happens to run on this machine.
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=not quiet, **level)
+        # The env vars are inherited by the local raylet (and so by every worker), not passed as a runtime_env
+        # that Ray would write into its session logs; this process's environment is restored once Ray runs.
+        previous = apply_secret_env(env_vars)
+        try:
+            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=not quiet, **level)
+        finally:
+            restore_env(previous)
 
 
 def cpu_threads_warning(config: RunConfig, cores: int | None) -> str | None:
@@ -194,7 +218,7 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
     lease = Lease(config.output.path, ttl_s=config.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
     listing = list_sources(config)  # read-only: a source error exits before anything is created under the output
-    started_ray = init_ray(address or config.ray.address, quiet=quiet)
+    started_ray = init_ray(address or config.ray.address, quiet=quiet, runtime_env=config.ray.runtime_env)
     embedded = started_ray and not (address or config.ray.address)
     warning = cpu_threads_warning(config, os.cpu_count()) if embedded else None
     if warning:
@@ -223,7 +247,7 @@ def _run(config: RunConfig, plan, started: float, *, quiet: bool, retry_failed: 
     summary = RunSummary(planned=planned, skipped=planned - n_todo, **opened)
     summary.timings["plan_s"] = round(time.time() - started, 3)
     if n_todo:
-        write_card(store, {"config": config.model_dump(mode="json"), "operator_hash": config.operator_hash(),
+        write_card(store, {"config": public_config(config), "operator_hash": config.operator_hash(),
                            "versions": package_versions(), "dataset": {"planned": planned}}, in_progress=True)
         progress = None if quiet else ProgressReporter(store, n_todo).start()
         try:
@@ -264,7 +288,7 @@ def plan_only(config: RunConfig, *, address: str | None = None, quiet: bool = Fa
         if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
             raise SourceError(f"--out: {out} exists; give a new folder")
     listing = list_sources(config)
-    started_ray = init_ray(address or config.ray.address, quiet=quiet)
+    started_ray = init_ray(address or config.ray.address, quiet=quiet, runtime_env=config.ray.runtime_env)
     embedded = started_ray and not (address or config.ray.address)
     warning = cpu_threads_warning(config, os.cpu_count()) if embedded else None
     if warning:
@@ -281,7 +305,8 @@ def plan_only(config: RunConfig, *, address: str | None = None, quiet: bool = Fa
             from ray.data import DataContext
 
             DataContext.get_current().execution_options.preserve_order = True
-            plan.write_parquet(path, filesystem=arrow_fs(fs))
+            plan.map_batches(public_plan, batch_format="pyarrow", batch_size=None).write_parquet(
+                path, filesystem=arrow_fs(fs))
         return PlanSummary(planned, todo, out)
     finally:
         if started_ray:
@@ -290,12 +315,26 @@ def plan_only(config: RunConfig, *, address: str | None = None, quiet: bool = Fa
             ray.shutdown()
 
 
+def public_plan(batch):
+    """A plan block as ``plan --out`` stores it: ids, source URLs and errors without URL credentials or secret
+    values (a plain URL stays byte for byte)."""
+    import pyarrow as pa
+
+    from pipeline.redact import redact_text
+
+    for name in ("content_id", "style_id", "content_url", "style_url", "error"):
+        if name in batch.column_names:
+            column = pa.array([redact_text(v) for v in batch.column(name).to_pylist()], batch.schema.field(name).type)
+            batch = batch.set_column(batch.schema.get_field_index(name), name, column)
+    return batch
+
+
 def run_record(config: RunConfig, summary: RunSummary, dataset: dict[str, int]) -> dict[str, Any]:
     from operators.clip_score import resolve_clip
 
     _, _, meaningful = resolve_clip(config.scoring.clip_model, config.scoring.clip_pretrained)
     return {
-        "config": config.model_dump(mode="json"),
+        "config": public_config(config),
         "operator_hash": config.operator_hash(),
         "versions": package_versions(),
         "this_run": asdict(summary),

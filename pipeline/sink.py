@@ -321,8 +321,8 @@ def to_sample(row: dict[str, Any], output: OutputConfig) -> dict[str, bytes | st
     meta = {
         "key": row["key"],
         "prompt": row["prompt"],
-        "content_id": row["content_id"],
-        "style_id": row["style_id"],
+        "content_id": stored_row({"content_id": row["content_id"]})["content_id"],  # no URL credential in an id
+        "style_id": stored_row({"style_id": row["style_id"]})["style_id"],
         "seed": row["seed"],
         "clip_content": row["clip_content"],
         "clip_style": row["clip_style"],
@@ -349,10 +349,25 @@ def head_scores(row: dict[str, Any]) -> dict[str, float]:
     return {f"{SCORE_PREFIX}{k}": v for k, v in sorted(json.loads(raw).items())} if raw else {}
 
 
+def stored_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as it may be stored: source URLs without credentials, reasons and ids without URL credentials or
+    secret values (pipeline.redact). A redacted URL cannot be re-read; report and reproduce say so."""
+    from pipeline.redact import redact_text, redact_url
+
+    out = dict(row)
+    for name in ("content_url", "style_url"):
+        if out.get(name):
+            out[name] = redact_url(out[name])
+    for name in ("reason", "content_id", "style_id"):
+        if out.get(name):
+            out[name] = redact_text(out[name])
+    return out
+
+
 def index_rows(rows: list[dict[str, Any]], shard: str | None) -> pa.Table:
     out = []
     for row in rows:
-        record = {name: row.get(name) for name in INDEX_SCHEMA.names}
+        record = stored_row({name: row.get(name) for name in INDEX_SCHEMA.names})
         record["shard"] = shard if row["status"] == "kept" else None
         record.update(head_scores(row))
         out.append(record)

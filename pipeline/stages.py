@@ -27,6 +27,7 @@ from pipeline.images import (
     open_rgb,
     output_problem,
 )
+from pipeline.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def _fail(row: dict[str, Any], reason: str) -> None:
     row["status"] = FAILED
-    row["reason"] = reason[:2000]
+    row["reason"] = redact_text(reason)[:2000]  # reasons quote URLs and exception text: no credential in them
     row["image"] = None
 
 
