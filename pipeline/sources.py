@@ -584,8 +584,8 @@ class _ManifestScope:
     def __init__(self, manifest_url: str, base_dir: str, policy: SourcesConfig):
         self.protocols = policy.protocols
         manifest_root = base_dir if not is_remote(manifest_url) else f"{url_protocol(manifest_url)}://{base_dir}"
-        self.roots = [self._location(r) for r in (manifest_root, *policy.roots)]
         self._real_dir = functools.lru_cache(maxsize=4096)(os.path.realpath)
+        self.roots = [self._location(r) for r in (manifest_root, *policy.roots)]
 
     def _location(self, url: str) -> tuple[str, str]:
         """``(protocol, normalised path)``; a local path resolved to its real path."""
