@@ -43,6 +43,7 @@ import tarfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import braceexpand
 import pyarrow.parquet as pq
@@ -596,7 +597,8 @@ class _ManifestScope:
             if os.path.islink(path) or tail in ("", ".", ".."):
                 return protocol, os.path.realpath(path)
             return protocol, os.path.join(self._real_dir(head), tail)  # one realpath per folder, not per row
-        return protocol, posixpath.normpath("/" + url.split("://", 1)[1]).lstrip("/")
+        # percent-decoded first: a server may read %2e%2e as ..
+        return protocol, posixpath.normpath("/" + unquote(url.split("://", 1)[1])).lstrip("/")
 
     def refusal(self, url: str) -> str | None:
         """Why the entry ``url`` may not be read (None when it may)."""
