@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +27,7 @@ from pipeline.sources import SourceError, read_images, read_prompts
 from pipeline.stages import decode_batch, to_table
 from tests.hostile_corpus import textured
 from tests.test_hostile_runs import assert_one_line_error, stylegen
-from tests.test_input_safety import bounded, fifo
+from tests.test_input_safety import bounded, fifo, sock
 from tests.unit_helpers import solid_png
 
 HUGE = 8 * 2**30  # an "8 GB" input: a sparse file, never written
@@ -192,14 +194,20 @@ def test_an_s3_manifest_reaches_only_its_own_prefix(s3_env):
 # ---- 3. devices, FIFOs, sockets under every spelling ---------------------------------------------------------
 
 
-def test_devices_and_fifos_fail_their_row_under_every_spelling(tmp_path):
+def test_devices_fifos_and_sockets_fail_their_row_under_every_spelling(tmp_path):
     os.symlink("/dev/zero", tmp_path / "zero.png")
     pipe = fifo(tmp_path / "pipe.png")
+    short = Path(tempfile.mkdtemp(dir="/tmp"))  # AF_UNIX paths are short
+    listening = sock(short / "s.png")
     urls = ["/dev/zero", "file:///dev/zero", "local:///dev/zero", str(tmp_path / "zero.png"),
-            f"local://{tmp_path / 'zero.png'}", f"local://{pipe}", f"file://{pipe}"]
+            f"local://{tmp_path / 'zero.png'}", f"local://{pipe}", f"file://{pipe}", f"local://{short / 's.png'}"]
     rows = [{"key": f"{i:016x}", "status": "", "style_url": url, "style_offset": 0, "style_size": -1,
              "content_url": None} for i, url in enumerate(urls)]
-    out = bounded(lambda: decode_batch(to_table(rows), {"max_side": 64}).to_pylist(), fifos=[pipe])
+    try:
+        out = bounded(lambda: decode_batch(to_table(rows), {"max_side": 64}).to_pylist(), fifos=[pipe])
+    finally:
+        listening.close()
+        shutil.rmtree(short)
     for url, row in zip(urls, out, strict=True):
         assert row["status"] == "failed" and "not a regular file" in row["reason"], (url, row["reason"])
 
@@ -314,4 +322,17 @@ def test_cli_run_fails_each_refused_entry_and_the_huge_style_alone(http_server, 
             assert row["status"] == "failed" and f"too large: {HUGE} bytes" in row["reason"], row
         else:
             assert row["status"] == "kept", row
+    assert requests == []
+
+
+def test_filter_input_shards_obey_the_allow_list(http_server, tmp_path):
+    from pipeline.curate import list_inputs
+
+    base, requests = http_server
+    data = {"kind": "filter", "input": {"shards": f"{base}/shards/{{00000..00003}}.tar"},
+            "output": {"path": str(tmp_path / "out")}}
+    with pytest.raises(SourceError, match=r"^input.shards: protocol 'http' is not allowed"):
+        bounded(lambda: list_inputs(validate_config(dict(data), schema="auto")))
+    allowed = validate_config({**data, "sources": {"protocols": ["http"]}}, schema="auto")
+    assert len(list_inputs(allowed)) == 4  # named by the config: listed (brace patterns name files, no request)
     assert requests == []
