@@ -292,7 +292,8 @@ def test_cli_validate_refuses_a_huge_prompt_list_with_one_line(tmp_path):
 def test_cli_run_fails_each_refused_entry_and_the_huge_style_alone(http_server, tmp_path):
     """A real CLI run (embedded Ray) on a manifest from the internet and a style folder holding an 8 GB file:
     it finishes in bounded time, every refused row is `failed` with its reason, the huge style fails its own
-    samples from its size, the good pairs are kept, and the HTTP server saw no request."""
+    samples from its size, the good pairs are kept, and the HTTP server saw no request, nor after the index is
+    edited to point at it and the output is reported and reproduced."""
     base, requests = http_server
     manifest, expect = hostile_manifest(tmp_path / "corpus", base)
     style = tmp_path / "style"
@@ -322,6 +323,19 @@ def test_cli_run_fails_each_refused_entry_and_the_huge_style_alone(http_server, 
             assert row["status"] == "failed" and f"too large: {HUGE} bytes" in row["reason"], row
         else:
             assert row["status"] == "kept", row
+    assert requests == []
+
+    # An edited index is data too: report and reproduce re-read inputs only under the run's allow-list.
+    metadata = f"{base}/latest/meta-data/iam/security-credentials/"
+    kept = next(r["key"] for r in rows if r["status"] == "kept")
+    for path in (out / "index").glob("*.parquet"):
+        table = pq.read_table(path)
+        urls = pa.array([metadata if u else u for u in table.column("content_url").to_pylist()], pa.string())
+        pq.write_table(table.set_column(table.schema.get_field_index("content_url"), "content_url", urls), path)
+    report = stylegen("report", str(out), "--out", str(tmp_path / "report"), timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    reproduce = stylegen("reproduce", str(out), kept, timeout=300)
+    assert_one_line_error(reproduce, "content input refused", "protocol 'http' is not allowed")
     assert requests == []
 
 
