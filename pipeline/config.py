@@ -89,6 +89,57 @@ class DecodeConfig(_Strict):
     max_side: int = Field(512, ge=8, le=16384)
     max_pixels: int = Field(64_000_000, ge=64, le=1_000_000_000)
     max_aspect: float = Field(20.0, ge=1, le=100_000)
+    # bytes of one input file (or tar member), checked from its size before any byte is read; the read itself
+    # stops at max_bytes + 1. 64 MiB is far above any photo or artwork a pipeline at 512 px can use.
+    max_bytes: int = Field(64 * 2**20, ge=1024, le=2**40)
+
+
+# Protocols a source may use when the config names none (``local`` is read as ``file``).
+DEFAULT_PROTOCOLS = ("file", "s3")
+PROTOCOL_ALIASES = {"local": "file", "s3a": "s3", "gcs": "gs"}
+# Never allowed, even when named: process memory is no data source, and a chained URL (``zip://a::s3://b``) would
+# open one protocol through another, past the allow-list.
+NEVER_PROTOCOLS = ("memory",)
+PROTOCOL_NAME = re.compile(r"^[a-z][a-z0-9+.-]{0,31}$")
+
+
+class SourcesConfig(_Strict):
+    """What the sources may reach (docs: README "Security").
+
+    ``protocols``: the URL protocols any source or manifest entry may use (default local files and ``s3``; add
+    ``http``/``https``/``gs`` ... explicitly). ``roots``: folders or ``s3://bucket/prefix`` that manifest entries
+    may point into besides the manifest's own folder. The caps bound what a prompt list or manifest can cost the
+    driver before it is parsed (per file)."""
+
+    protocols: list[str] = Field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
+    roots: list[str] = Field(default_factory=list)
+    max_manifest_bytes: int = Field(256 * 2**20, ge=1024, le=2**40)
+    max_prompt_bytes: int = Field(64 * 2**20, ge=1024, le=2**40)
+    max_prompt_lines: int = Field(1_000_000, ge=1, le=10**9)
+
+    @field_validator("protocols")
+    @classmethod
+    def _known_protocols(cls, value: list[str]) -> list[str]:
+        out: list[str] = []
+        for name in value:
+            name = PROTOCOL_ALIASES.get(name.lower(), name.lower())
+            if not PROTOCOL_NAME.match(name):
+                raise ValueError(f"{name!r} is not a protocol name (file, s3, gs, https, ...)")
+            if name in NEVER_PROTOCOLS:
+                raise ValueError(f"{name!r} is never a source protocol")
+            if name not in out:
+                out.append(name)
+        if not out:
+            raise ValueError("needs at least one protocol (file, s3, ...)")
+        return out
+
+    @field_validator("roots")
+    @classmethod
+    def _plain_roots(cls, value: list[str]) -> list[str]:
+        for root in value:
+            if not root or "::" in root:
+                raise ValueError(f"{root!r} is not a folder or a bucket/prefix URL")
+        return value
 
 
 class _ActorPool(_Strict):
@@ -233,6 +284,7 @@ class RunConfig(_Strict):
     style: StyleConfig
     pairing: PairingConfig = Field(default_factory=PairingConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
     operator: OperatorConfig = Field(default_factory=OperatorConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
@@ -247,9 +299,9 @@ class RunConfig(_Strict):
         """Hash of everything that changes an output image; part of every sample key."""
         blob = json.dumps(
             {"op": self.operator.name, "model": self.operator.model, "params": self.operator.params,
-             # max_aspect only refuses inputs (like the filter thresholds), it never changes an image: keeping it
-             # out of the hash keeps the keys of existing outputs.
-             "decode": self.decode.model_dump(exclude={"max_aspect"})},
+             # max_aspect and max_bytes only refuse inputs (like the filter thresholds), they never change an
+             # image: keeping them out of the hash keeps the keys of existing outputs.
+             "decode": self.decode.model_dump(exclude={"max_aspect", "max_bytes"})},
             sort_keys=True,
             default=str,
         )

@@ -33,6 +33,7 @@ from pipeline.config import (
     OutputConfig,
     RayConfig,
     ScoringConfig,
+    SourcesConfig,
     _Strict,
     check_score_rules,
 )
@@ -84,6 +85,7 @@ class FilterRunConfig(_Strict):
     filter: CurateFilter = Field(default_factory=CurateFilter)
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)  # the protocols input.shards may use
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -130,7 +132,8 @@ INPUT_SCHEMA = pa.schema([("key", pa.string()), ("content_id", pa.string()), ("u
 
 def list_inputs(cfg: FilterRunConfig) -> list[tuple[str, str]]:
     """The input tars (URL, id base) in name order: the only per-file state the driver holds."""
-    urls = _expand(cfg.input.shards, "input.shards", exclude=[cfg.output.path])  # never its own output
+    urls = _expand(cfg.input.shards, "input.shards", exclude=[cfg.output.path],  # never its own output
+                   policy=cfg.sources)
     if not urls:
         raise SourceError(f"input.shards: no files match {cfg.input.shards}")
     from pipeline.fs import get_fs

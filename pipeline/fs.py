@@ -7,6 +7,12 @@ Reads never hang and never give up at the first hiccup: a local path that is not
 would block forever, a device would stream forever) is refused before any byte is read; S3 connections and
 reads have timeouts; and transient errors (timeouts, dropped connections, HTTP 5xx, S3 ``SlowDown``) are
 retried with exponential backoff before a sample is failed.
+
+Reads reach only what the config allows: :func:`check_protocol` refuses a protocol outside ``sources.protocols``
+and, always, a chained URL (``zip://a::s3://b``) or ``memory://``, before any filesystem is made or request
+sent; ``local://`` is a local path like ``file://`` (so the device guard applies to it too); and a read given
+``max_bytes`` refuses a larger input from its size (``stat`` / ``fs.size``) before reading, then reads at most
+``max_bytes + 1`` bytes.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import random
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from pipeline.config import DEFAULT_PROTOCOLS, NEVER_PROTOCOLS, PROTOCOL_ALIASES
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +46,42 @@ READ_ATTEMPTS = 4
 READ_RETRY_BASE_S = 0.2
 
 
+LOCAL_PREFIXES = ("file://", "local://")  # fsspec's two spellings of the local file system
+_URL_PROTOCOL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
+    return "://" in url and not url.startswith(LOCAL_PREFIXES)
+
+
+def local_path(url: str) -> str:
+    """The absolute path of a local URL (plain, ``file://`` or ``local://``)."""
+    for prefix in LOCAL_PREFIXES:
+        if url.startswith(prefix):
+            url = url[len(prefix):]
+            break
+    return os.path.abspath(url)
+
+
+def url_protocol(url: str) -> str:
+    """The protocol of a URL as the allow-list names it: ``file`` for a local path (``local`` is an alias)."""
+    m = _URL_PROTOCOL.match(url)
+    if m is None:
+        return "file"
+    name = m.group(1).lower()
+    return PROTOCOL_ALIASES.get(name, name)
+
+
+def check_protocol(url: str, allowed: Sequence[str] | None = None) -> None:
+    """Raise :class:`ProtocolRefusedError` unless ``url`` may be opened: never a chained URL or ``memory://``,
+    and its protocol must be in ``allowed`` (default ``file``, ``s3``). Nothing is opened or requested."""
+    if "::" in url:
+        raise ProtocolRefusedError(f"chained URL refused (a URL with '::' is never opened): {url}")
+    name = url_protocol(url)
+    allowed = DEFAULT_PROTOCOLS if allowed is None else allowed
+    if name in NEVER_PROTOCOLS or name not in allowed:
+        raise ProtocolRefusedError(f"protocol {name!r} is not allowed (sources.protocols: {', '.join(allowed)}): "
+                                   f"{url}")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -73,9 +115,12 @@ def storage_options(url: str) -> dict[str, Any]:
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return ``(filesystem, path)`` for a URL; local paths are made absolute."""
+    """Return ``(filesystem, path)`` for a URL; local paths are made absolute. A chained URL is refused here
+    whatever the caller (fsspec would otherwise open one protocol through another)."""
+    if "::" in url:
+        raise ProtocolRefusedError(f"chained URL refused (a URL with '::' is never opened): {url}")
     if not is_remote(url):
-        url = os.path.abspath(url.removeprefix("file://"))
+        url = local_path(url)
     return url_to_fs(url, **storage_options(url))
 
 
@@ -94,8 +139,24 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
-class NotRegularFileError(OSError):
+class RefusedInputError(OSError):
+    """An input refused before any byte of it is read; the message says why. Never retried."""
+
+
+class NotRegularFileError(RefusedInputError):
     """A local input that is a FIFO, socket, device or folder: reading it could block or never end."""
+
+
+class ProtocolRefusedError(RefusedInputError):
+    """A URL whose protocol is not allowed (``sources.protocols``), or a chained URL."""
+
+
+class InputTooLargeError(RefusedInputError):
+    """An input larger than the byte cap it is read under."""
+
+
+def too_large(url: str, size: int, max_bytes: int, key: str = "decode.max_bytes") -> InputTooLargeError:
+    return InputTooLargeError(f"too large: {size} bytes, more than {key}={max_bytes}: {url}")
 
 
 def file_kind(mode: int) -> str:
@@ -132,12 +193,17 @@ def open_local(path: str) -> BinaryIO:
         raise
 
 
-def open_input(url: str) -> BinaryIO:
-    """Open any URL for (seekable) reading; a local one through :func:`open_local`."""
+def open_input(url: str, *, max_bytes: int | None = None, cap_key: str = "decode.max_bytes") -> BinaryIO:
+    """Open any URL for (seekable) reading; a local one through :func:`open_local`. With ``max_bytes``, a larger
+    file is refused from its size (:class:`InputTooLargeError`) before a byte is read."""
     fs, path = get_fs(url)
-    if is_remote(url):
-        return fs.open(path, "rb")
-    return open_local(path)
+    f = fs.open(path, "rb") if is_remote(url) else open_local(path)
+    if max_bytes is not None:
+        size = os.fstat(f.fileno()).st_size if not is_remote(url) else fs.size(path)
+        if size is not None and size > max_bytes:
+            f.close()
+            raise too_large(url, size, max_bytes, cap_key)
+    return f
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -158,7 +224,7 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 
 
 _TRANSIENT_TYPES = _transient_types()
-_NEVER_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError, NotRegularFileError)
+_NEVER_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError, RefusedInputError)
 # An HTTP status in a message: aiohttp ("503, message=..."), botocore ("An error occurred (503)"), s3fs.
 _TRANSIENT_TEXT = re.compile(r"\b(?:5\d\d|429)\b|SlowDown|InternalError|ServiceUnavailable|RequestTimeout|Throttl")
 
@@ -199,21 +265,49 @@ def retry_transient(fn: Callable[[], T], *, attempts: int = READ_ATTEMPTS, base_
             attempt += 1
 
 
-def read_range(url: str, offset: int = 0, size: int = -1) -> bytes:
+def read_range(url: str, offset: int = 0, size: int = -1, *, max_bytes: int | None = None,
+               cap_key: str = "decode.max_bytes") -> bytes:
     """Read a whole object, or ``size`` bytes at ``offset`` (a member inside a tar).
 
     A local path that is not a regular file raises :class:`NotRegularFileError` (never blocks); transient
-    remote errors are retried (:func:`retry_transient`)."""
+    remote errors are retried (:func:`retry_transient`). With ``max_bytes``, an input larger than that is refused
+    from its size (the member size, ``fstat`` or ``fs.size``) before it is read (:class:`InputTooLargeError`,
+    naming ``cap_key``), and no more than ``max_bytes + 1`` bytes are ever read."""
+    if max_bytes is not None and size > max_bytes:
+        raise too_large(url, size, max_bytes, cap_key)
     if not is_remote(url):
-        return retry_transient(lambda: _read_local(os.path.abspath(url.removeprefix("file://")), offset, size),
-                               what=url)
+        return retry_transient(lambda: _read_local(local_path(url), offset, size, max_bytes, cap_key), what=url)
     fs, path = get_fs(url)
+    if size < 0 and max_bytes is not None:
+        return retry_transient(lambda: _read_remote_capped(fs, path, url, max_bytes, cap_key), what=url)
     if size < 0:
         return retry_transient(lambda: fs.cat_file(path), what=url)
     return retry_transient(lambda: fs.cat_file(path, start=offset, end=offset + size), what=url)
 
 
-def _read_local(path: str, offset: int, size: int) -> bytes:
+def _read_remote_capped(fs: fsspec.AbstractFileSystem, path: str, url: str, max_bytes: int, cap_key: str) -> bytes:
+    total = fs.size(path)
+    if total is not None and total > max_bytes:
+        raise too_large(url, total, max_bytes, cap_key)
+    if not total:
+        return fs.cat_file(path)  # an empty object: a ranged read of it is an error on S3
+    data = fs.cat_file(path, start=0, end=min(total, max_bytes + 1))
+    if len(data) > max_bytes:  # grew since its size was read
+        raise too_large(url, len(data), max_bytes, cap_key)
+    return data
+
+
+def _read_local(path: str, offset: int, size: int, max_bytes: int | None = None,
+                cap_key: str = "decode.max_bytes") -> bytes:
     with open_local(path) as f:
+        if max_bytes is not None and size < 0:
+            total = os.fstat(f.fileno()).st_size - offset
+            if total > max_bytes:
+                raise too_large(path, total, max_bytes, cap_key)
+            f.seek(offset)
+            data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:  # grew since fstat
+                raise too_large(path, len(data), max_bytes, cap_key)
+            return data
         f.seek(offset)
         return f.read() if size < 0 else f.read(size)

@@ -137,8 +137,8 @@ def build_plan(config: RunConfig) -> list[PlannedSample]:
     A local output folder is excluded from the source listings: with ``output.path`` inside a style or content
     folder, a rerun would otherwise take its own shards and report images as inputs."""
     exclude = [] if is_remote(config.output.path) else [config.output.path.removeprefix("file://")]
-    contents = read_content(config.content.prompts, config.content.images, exclude=exclude)
-    styles = read_images(config.style.images, "style.images", exclude=exclude)
+    contents = read_content(config.content.prompts, config.content.images, exclude=exclude, policy=config.sources)
+    styles = read_images(config.style.images, "style.images", exclude=exclude, policy=config.sources)
     p = config.pairing
     return pair(
         contents,

@@ -260,17 +260,17 @@ class Listing:
 def list_sources(config: RunConfig) -> Listing:
     """List every source file; a missing or unreadable source is a SourceError before Ray starts."""
     exclude = [] if is_remote(config.output.path) else [config.output.path.removeprefix("file://")]
-    content = config.content
+    content, policy = config.content, config.sources
     pool = None
     if content.images:
-        units = list_image_units(content.images, "content.images", exclude=exclude)
+        units = list_image_units(content.images, "content.images", exclude=exclude, policy=policy)
         key, spec = "content.images", content.images
         if content.prompts:
-            pool = list_prompt_units(content.prompts, "content.prompts", exclude=exclude)
+            pool = list_prompt_units(content.prompts, "content.prompts", exclude=exclude, policy=policy)
     else:
-        units = list_prompt_units(content.prompts, "content.prompts", exclude=exclude)
+        units = list_prompt_units(content.prompts, "content.prompts", exclude=exclude, policy=policy)
         key, spec = "content.prompts", content.prompts
-    styles = list_image_units(config.style.images, "style.images", exclude=exclude)
+    styles = list_image_units(config.style.images, "style.images", exclude=exclude, policy=policy)
     return Listing(units, key, spec, pool, styles)
 
 

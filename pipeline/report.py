@@ -160,9 +160,11 @@ def _plan_refs(config: dict[str, Any] | None, keys: set[str]) -> dict[str, dict[
         return {}
 
 
-def read_input(ref: dict[str, Any], side: str, decode: dict[str, Any]) -> Image.Image | None:
-    """An input decoded as the pipeline decoded it, from its recorded source location (None if unavailable)."""
-    from pipeline.fs import read_range
+def read_input(ref: dict[str, Any], side: str, decode: dict[str, Any],
+               sources: dict[str, Any] | None = None) -> Image.Image | None:
+    """An input decoded as the pipeline decoded it, from its recorded source location (None if unavailable).
+    The URL comes from an index (data): it gets the run's protocol allow-list and byte cap (``sources``)."""
+    from pipeline.fs import check_protocol, read_range
     from pipeline.images import decode_image
 
     url = ref.get(f"{side}_url")
@@ -173,8 +175,10 @@ def read_input(ref: dict[str, Any], side: str, decode: dict[str, Any]) -> Image.
                     ref.get("key"), url)
         return None
     offset, size = ref.get(f"{side}_offset") or 0, ref.get(f"{side}_size")
+    sources = sources or {}
     try:
-        data = read_range(url, offset, -1 if size is None else size)
+        check_protocol(url, sources.get("protocols"))
+        data = read_range(url, offset, -1 if size is None else size, max_bytes=sources.get("max_bytes"))
         return decode_image(data, **decode)
     except Exception as exc:
         log.warning("cannot re-read %s input %s: %s", side, url, exc)
@@ -185,6 +189,8 @@ def fill_inputs(images: dict[str, SampleImages], rows: dict[str, dict[str, Any]]
                 config: dict[str, Any] | None) -> None:
     """Style/content not stored in the shards (run without include_inputs): re-read them from their sources."""
     decode = _decode_cfg(config)
+    limits = {"protocols": ((config or {}).get("sources") or {}).get("protocols"),
+              "max_bytes": ((config or {}).get("decode") or {}).get("max_bytes", 64 * 2**20)}
     missing = {k for k, im in images.items() if im.style is None or im.content is None}
     no_refs = {k for k in missing if not rows[k].get("style_url")}
     planned = _plan_refs(config, no_refs)
@@ -192,9 +198,9 @@ def fill_inputs(images: dict[str, SampleImages], rows: dict[str, dict[str, Any]]
         ref = planned.get(key, rows[key])
         im = images[key]
         if im.style is None:
-            im.style = read_input(ref, "style", decode)
+            im.style = read_input(ref, "style", decode, limits)
         if im.content is None:
-            im.content = read_input(ref, "content", decode)
+            im.content = read_input(ref, "content", decode, limits)
 
 
 # ---- drawing ----------------------------------------------------------------------------------------------------

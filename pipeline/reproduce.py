@@ -123,15 +123,19 @@ def _replanned(row: dict[str, Any], cfg) -> dict[str, Any]:
 
 def decode_input(ref: dict[str, Any], side: str, cfg) -> Image.Image | None:
     """Fetch and decode one input exactly as the decode stage does (decode_image, then the PNG transport)."""
-    from pipeline.fs import read_range
+    from pipeline.fs import RefusedInputError, check_protocol, read_range
     from pipeline.images import decode_image, encode_transport, open_rgb
 
     url = ref.get(f"{side}_url")
     if not url:
         return None
     size = ref.get(f"{side}_size")
-    data = read_range(url, ref.get(f"{side}_offset") or 0, -1 if size is None else size)
     d = cfg.decode
+    try:  # an index is data: its URL gets the run's allow-list and byte cap, as when the run read it
+        check_protocol(url, cfg.sources.protocols)
+        data = read_range(url, ref.get(f"{side}_offset") or 0, -1 if size is None else size, max_bytes=d.max_bytes)
+    except RefusedInputError as exc:
+        raise NotReproducible(f"{side} input refused: {exc}") from None
     im = decode_image(data, max_pixels=d.max_pixels, max_side=d.max_side, max_aspect=d.max_aspect)
     return open_rgb(encode_transport(im))
 

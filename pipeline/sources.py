@@ -19,6 +19,15 @@ Local folder and glob listings keep regular files only (a FIFO named ``x.png`` w
 would never end), follow a symlink only when its target stays inside the folder or glob root, and can exclude
 folders (the run's own output, so a rerun never takes its shards or report images as inputs). Each skipped file
 is named in one warning; an explicitly named input that is not a regular file is a SourceError.
+
+Sources reach only what the user named (``sources`` in the config, :class:`pipeline.config.SourcesConfig`):
+- every source spec must use an allowed protocol (``sources.protocols``, default local files and ``s3``); a
+  chained URL (``a::b``) or ``memory://`` never: a SourceError at listing, before any request;
+- a manifest entry resolves only inside the manifest's own root (the folder or bucket/prefix holding the
+  manifest) or a ``sources.roots`` entry. An absolute path, a ``..`` escape, a symlink out, another bucket, a
+  refused protocol: that row is an item with an ``error`` (a `failed` row), and nothing of it is ever read;
+- prompt lists and manifests are capped in bytes (``sources.max_prompt_bytes``, ``max_manifest_bytes``, checked
+  from the size before reading) and prompt lists in lines (``sources.max_prompt_lines``): a SourceError above.
 """
 
 from __future__ import annotations
@@ -34,11 +43,25 @@ import tarfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import braceexpand
 import pyarrow.parquet as pq
 
-from pipeline.fs import file_kind, full_url, get_fs, is_remote, open_input, read_range
+from pipeline.config import SourcesConfig
+from pipeline.fs import (
+    InputTooLargeError,
+    RefusedInputError,
+    check_protocol,
+    file_kind,
+    full_url,
+    get_fs,
+    is_remote,
+    local_path,
+    open_input,
+    read_range,
+    url_protocol,
+)
 from pipeline.tar_index import index_open_tar
 
 log = logging.getLogger(__name__)
@@ -164,15 +187,26 @@ def _check_regular(url: str, key: str) -> None:
         raise SourceError(f"{key}: not a regular file ({file_kind(mode)}): {url}")
 
 
+def check_spec(spec: str, key: str, policy: SourcesConfig | None = None) -> None:
+    """A source spec the config names must use an allowed protocol: a SourceError (exit 2), nothing requested."""
+    try:
+        check_protocol(spec, (policy or DEFAULT_POLICY).protocols)
+    except RefusedInputError as exc:
+        raise SourceError(f"{key}: {exc}") from None
+
+
 def _expand(spec: str, key: str = "source", *, exclude: Sequence[str] = (),
-            follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[str]:
+            follow_symlinks: bool = FOLLOW_SYMLINKS, policy: SourcesConfig | None = None) -> list[str]:
     """Brace-expand then glob a spec into concrete URLs (sorted, de-duplicated). Local glob matches go through
-    :class:`_LocalListing`; a named local file that is not regular is a SourceError."""
+    :class:`_LocalListing`; a named local file that is not regular is a SourceError; a refused protocol
+    (:func:`check_spec`) is a SourceError before any part is listed."""
+    check_spec(spec, key, policy)
     urls: list[str] = []
     listing = None
     if not is_remote(spec):
         listing = _LocalListing(key, _id_root(get_fs(spec)[1]), exclude, follow_symlinks)
     for part in braceexpand.braceexpand(spec):
+        check_spec(part, key, policy)  # a brace may hide another protocol: {s3://a,http://b}
         fs, path = get_fs(part)
         if _is_glob(path):
             urls.extend(full_url(fs, p) for p in sorted(fs.glob(path)) if listing is None or listing.keep(p))
@@ -250,16 +284,17 @@ def _named_errors(read: Callable[[str, str], list[SourceItem]]) -> Callable[...,
 
 
 def read_prompts(spec: str, key: str = "content.prompts", *, exclude: Sequence[str] = (),
-                 follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
+                 follow_symlinks: bool = FOLLOW_SYMLINKS, policy: SourcesConfig | None = None) -> list[SourceItem]:
     """Read a prompt list (``.txt``, ``.jsonl``, ``.parquet``); any failure is a SourceError naming the key.
     Glob matches under an ``exclude`` folder are skipped (the run's output holds parquet with prompts)."""
-    return _read_prompts(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
+    return _read_prompts(spec, key, exclude=exclude, follow_symlinks=follow_symlinks, policy=policy)
 
 
 @_named_errors
 def _read_prompts(spec: str, key: str, *, exclude: Sequence[str] = (),
-                  follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
-    items = [i for unit in list_prompt_units(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
+                  follow_symlinks: bool = FOLLOW_SYMLINKS, policy: SourcesConfig | None = None) -> list[SourceItem]:
+    items = [i for unit in list_prompt_units(spec, key, exclude=exclude, follow_symlinks=follow_symlinks,
+                                             policy=policy)
              for i in read_unit(unit)]
     if not items:
         raise SourceError(f"{key}: no prompts in {spec}")
@@ -268,9 +303,9 @@ def _read_prompts(spec: str, key: str, *, exclude: Sequence[str] = (),
 
 @_named_errors
 def list_prompt_units(spec: str, key: str = "content.prompts", *, exclude: Sequence[str] = (),
-                      follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceUnit]:
+                      follow_symlinks: bool = FOLLOW_SYMLINKS, policy: SourcesConfig | None = None) -> list[SourceUnit]:
     """The files of a prompt source, each to be read by :func:`read_unit` (in the driver or on a worker)."""
-    urls = _expand(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
+    urls = _expand(spec, key, exclude=exclude, follow_symlinks=follow_symlinks, policy=policy)
     if not urls:
         raise SourceError(f"{key}: no files match {spec}")
     root = _id_root(get_fs(spec)[1])
@@ -278,15 +313,30 @@ def list_prompt_units(spec: str, key: str = "content.prompts", *, exclude: Seque
     for url in urls:
         _check_exists(url, key)
         kind = "prompt-manifest" if url.endswith(MANIFEST_EXTS) else "prompts"
-        units.append(SourceUnit(kind, url, _relative_id(url, root), key))
+        units.append(SourceUnit(kind, url, _relative_id(url, root), key, _policy_json(policy)))
     return units
 
 
-def _read_prompt_lines(url: str, key: str, base: str) -> list[SourceItem]:
+def _read_capped(url: str, key: str, max_bytes: int, cap_key: str) -> bytes:
+    """A whole prompt list or manifest, refused (SourceError) from its size when above its cap."""
     try:
-        text = read_range(url).decode("utf-8")
+        return read_range(url, max_bytes=max_bytes, cap_key=cap_key)
+    except InputTooLargeError as exc:
+        raise SourceError(f"{key}: {exc}") from None
+
+
+def _too_many_lines(key: str, url: str, policy: SourcesConfig) -> SourceError:
+    return SourceError(f"{key}: {url} has more than sources.max_prompt_lines={policy.max_prompt_lines} lines")
+
+
+def _read_prompt_lines(url: str, key: str, base: str, policy: SourcesConfig | None = None) -> list[SourceItem]:
+    policy = policy or DEFAULT_POLICY
+    try:
+        text = _read_capped(url, key, policy.max_prompt_bytes, "sources.max_prompt_bytes").decode("utf-8")
     except UnicodeDecodeError:
         raise SourceError(f"{key}: {url} is not UTF-8 text") from None
+    if text.count("\n") + (not text.endswith("\n")) > policy.max_prompt_lines:
+        raise _too_many_lines(key, url, policy)
     items = []
     for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: \x1c-\x1e, \x85 are no breaks
         prompt, error = _prompt_value(line)
@@ -297,10 +347,11 @@ def _read_prompt_lines(url: str, key: str, base: str) -> list[SourceItem]:
 
 @_named_errors
 def read_images(spec: str, key: str, *, exclude: Sequence[str] = (),
-                follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
+                follow_symlinks: bool = FOLLOW_SYMLINKS, policy: SourcesConfig | None = None) -> list[SourceItem]:
     """Read an image source of any supported kind into items (no pixels are read); any failure is a
     SourceError naming the key. Folder and glob listings skip files under an ``exclude`` folder (local)."""
-    items = [i for unit in list_image_units(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
+    items = [i for unit in list_image_units(spec, key, exclude=exclude, follow_symlinks=follow_symlinks,
+                                            policy=policy)
              for i in read_unit(unit)]
     if not items:
         raise SourceError(f"{key}: no images in {spec}")
@@ -309,15 +360,16 @@ def read_images(spec: str, key: str, *, exclude: Sequence[str] = (),
 
 @_named_errors
 def list_image_units(spec: str, key: str, *, exclude: Sequence[str] = (),
-                     follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceUnit]:
+                     follow_symlinks: bool = FOLLOW_SYMLINKS, policy: SourcesConfig | None = None) -> list[SourceUnit]:
     """The files of an image source (paths only, nothing read), each to be read by :func:`read_unit`."""
+    check_spec(spec, key, policy)
     fs, path = get_fs(spec)
     if not _is_glob(path) and "{" not in spec:
         _check_exists(spec, key)
         if fs.isdir(path):
             listing = None if is_remote(spec) else _LocalListing(key, path, exclude, follow_symlinks)
             return _list_folder(fs, path, key, listing)
-    urls = _expand(spec, key, exclude=exclude, follow_symlinks=follow_symlinks)
+    urls = _expand(spec, key, exclude=exclude, follow_symlinks=follow_symlinks, policy=policy)
     if not urls:
         raise SourceError(f"{key}: no files match {spec}")
     root = _id_root(path)
@@ -331,7 +383,7 @@ def list_image_units(spec: str, key: str, *, exclude: Sequence[str] = (),
             kind = "image"
         else:
             raise SourceError(f"{key}: unsupported source file {url} (expected images, .tar, .parquet, .jsonl)")
-        units.append(SourceUnit(kind, url, _relative_id(url, root), key))
+        units.append(SourceUnit(kind, url, _relative_id(url, root), key, _policy_json(policy)))
     return units
 
 
@@ -344,6 +396,11 @@ class SourceUnit:
     url: str
     base: str
     key: str  # the config key, for error messages
+    policy: str = ""  # the run's ``sources`` config as JSON ("" = defaults): plain data, so it travels through Ray
+
+    @property
+    def sources(self) -> SourcesConfig:
+        return _policy(self.policy)
 
     @property
     def may_repeat_ids(self) -> bool:
@@ -361,14 +418,29 @@ def read_unit(unit: SourceUnit) -> list[SourceItem]:
         if unit.kind == "image-manifest":
             return [i if i.image is not None or i.error else
                     SourceItem(id=i.id, prompt=i.prompt, error="manifest row has no image")
-                    for i in _read_manifest(unit.url, unit.key)]
+                    for i in _read_manifest(unit.url, unit.key, unit.sources)]
         if unit.kind == "prompt-manifest":
-            return [i for i in _read_manifest(unit.url, unit.key) if i.prompt is not None or i.error]
-        return _read_prompt_lines(unit.url, unit.key, unit.base)
+            items = [i for i in _read_manifest(unit.url, unit.key, unit.sources) if i.prompt is not None or i.error]
+            if len(items) > unit.sources.max_prompt_lines:
+                raise _too_many_lines(unit.key, unit.url, unit.sources)
+            return items
+        return _read_prompt_lines(unit.url, unit.key, unit.base, unit.sources)
     except SourceError:
         raise
     except Exception as exc:
         raise _unreadable(unit.key, unit.url, exc) from None
+
+
+DEFAULT_POLICY = SourcesConfig()
+
+
+def _policy_json(policy: SourcesConfig | None) -> str:
+    return "" if policy is None or policy == DEFAULT_POLICY else policy.model_dump_json()
+
+
+@functools.lru_cache(maxsize=8)
+def _policy(text: str) -> SourcesConfig:
+    return SourcesConfig.model_validate_json(text) if text else DEFAULT_POLICY
 
 
 def _id_root(path: str) -> str:
@@ -435,15 +507,17 @@ def _tar_caption(f, members: dict[str, tuple[int, int]], url: str = "", sample_k
     return read_caption(read, members, url, sample_key)
 
 
-def _read_manifest(url: str, key: str) -> list[SourceItem]:
+def _read_manifest(url: str, key: str, policy: SourcesConfig | None = None) -> list[SourceItem]:
+    policy = policy or DEFAULT_POLICY
     fs, path = get_fs(url)
+    cap = policy.max_manifest_bytes
     try:
         if url.endswith(".parquet"):
-            with open_input(url) as f:
+            with open_input(url, max_bytes=cap, cap_key="sources.max_manifest_bytes") as f:
                 rows = pq.read_table(f).to_pylist()
         else:
             rows = []
-            text = read_range(url).decode("utf-8")
+            text = _read_capped(url, key, cap, "sources.max_manifest_bytes").decode("utf-8")
             # split on \n only: U+2028 or \x85 inside a JSON string are legal and must not end the line
             for lineno, line in enumerate(text.split("\n"), start=1):
                 if not line.strip():
@@ -457,21 +531,26 @@ def _read_manifest(url: str, key: str) -> list[SourceItem]:
                 rows.append(row)
     except SourceError:
         raise
+    except InputTooLargeError as exc:
+        raise SourceError(f"{key}: {exc}") from None
     except Exception as exc:
         raise SourceError(f"{key}: cannot read manifest {url} ({exc.__class__.__name__})") from None
     base_dir = posixpath.dirname(path)
     base = posixpath.basename(path)
+    scope = _ManifestScope(url, base_dir, policy)
     items = []
     for index, row in enumerate(rows):
         image_col = next((c for c in IMAGE_COLUMNS if isinstance(row.get(c), str) and row[c]), None)
         prompt_col = next((c for c in PROMPT_COLUMNS if c in row and row[c] is not None), None)
-        ref = None
+        ref = refused = None
         if image_col:
             target = row[image_col]
-            if not is_remote(target) and not posixpath.isabs(target):
-                target = posixpath.join(base_dir, target)
-            ref = ImageRef(target if is_remote(target) else full_url(fs, target))
+            if "://" not in target and "::" not in target:  # a path on the manifest's own file system
+                target = full_url(fs, posixpath.join(base_dir, target))  # (joining an absolute path keeps it)
+            refused = scope.refusal(target)
+            ref = None if refused else ImageRef(target)
         prompt, error = _prompt_value(row[prompt_col]) if prompt_col else (None, None)
+        error = refused or error
         if ref is None and prompt is None and error is None:
             error = "empty prompt" if prompt_col else "row has no prompt and no image"
         raw_id = row.get("id")
@@ -481,11 +560,50 @@ def _read_manifest(url: str, key: str) -> list[SourceItem]:
     return items
 
 
+class _ManifestScope:
+    """Where the entries of one manifest may point: inside the manifest's own root (the folder or bucket/prefix
+    holding it) or a ``sources.roots`` entry, through an allowed protocol.
+
+    Containment is judged on normalised locations: ``..`` is resolved, and a local entry by its real path (so a
+    symlink out of the root is outside it). A URL with ``::`` is never allowed. Nothing is opened here."""
+
+    def __init__(self, manifest_url: str, base_dir: str, policy: SourcesConfig):
+        self.protocols = policy.protocols
+        manifest_root = base_dir if not is_remote(manifest_url) else f"{url_protocol(manifest_url)}://{base_dir}"
+        self._real_dir = functools.lru_cache(maxsize=4096)(os.path.realpath)
+        self.roots = [self._location(r) for r in (manifest_root, *policy.roots)]
+
+    def _location(self, url: str) -> tuple[str, str]:
+        """``(protocol, normalised path)``; a local path resolved to its real path."""
+        protocol = url_protocol(url)
+        if protocol == "file":
+            path = local_path(os.path.expanduser(url))
+            head, tail = os.path.split(os.path.normpath(path))
+            if os.path.islink(path) or tail in ("", ".", ".."):
+                return protocol, os.path.realpath(path)
+            return protocol, os.path.join(self._real_dir(head), tail)  # one realpath per folder, not per row
+        # percent-decoded first: a server may read %2e%2e as ..
+        return protocol, posixpath.normpath("/" + unquote(url.split("://", 1)[1])).lstrip("/")
+
+    def refusal(self, url: str) -> str | None:
+        """Why the entry ``url`` may not be read (None when it may)."""
+        try:
+            check_protocol(url, self.protocols)
+        except RefusedInputError as exc:
+            return f"manifest entry refused: {exc}"
+        protocol, path = self._location(url)
+        for root_protocol, root in self.roots:
+            if protocol == root_protocol and (path == root or path.startswith(root.rstrip("/") + "/")):
+                return None
+        return (f"manifest entry refused: {url} is outside the manifest's folder (an entry may only point inside "
+                "it, or inside a sources.roots entry)")
+
+
 def read_content(prompts: str | None, images: str | None, *, exclude: Sequence[str] = (),
-                 follow_symlinks: bool = FOLLOW_SYMLINKS) -> list[SourceItem]:
+                 follow_symlinks: bool = FOLLOW_SYMLINKS, policy: SourcesConfig | None = None) -> list[SourceItem]:
     """Content items. With both prompts and images, image i takes its own caption if it has one,
     else prompt ``i mod len(prompts)``."""
-    options = {"exclude": exclude, "follow_symlinks": follow_symlinks}
+    options = {"exclude": exclude, "follow_symlinks": follow_symlinks, "policy": policy}
     prompt_items = read_prompts(prompts, **options) if prompts else []
     if not images:
         return _dedupe(prompt_items)

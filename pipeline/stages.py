@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import DecodeConfig, FilterConfig, OutputConfig
-from pipeline.fs import NotRegularFileError, read_range
+from pipeline.fs import RefusedInputError, read_range
 from pipeline.images import (
     DecodeError,
     decode_image,
@@ -83,12 +83,12 @@ def _pending(row: dict[str, Any]) -> bool:
 
 def _fetch_decode(url: str | None, offset: int, size: int, cfg: DecodeConfig) -> bytes:
     try:
-        data = read_range(url, offset, size)
+        data = read_range(url, offset, size, max_bytes=cfg.max_bytes)
     except FileNotFoundError:
         raise DecodeError(f"not found: {url}") from None
     except PermissionError:
         raise DecodeError(f"access denied: {url}") from None
-    except NotRegularFileError as exc:  # a FIFO or device: refused before any read could block
+    except RefusedInputError as exc:  # a FIFO, a device, too many bytes: refused before any read
         raise DecodeError(str(exc)) from None
     except Exception as exc:  # network, credentials, a vanished tar: this sample fails, the run goes on
         raise DecodeError(f"cannot read {url}: {exc.__class__.__name__}: {exc}") from None

@@ -44,7 +44,8 @@ def build_corpus(root: Path) -> Path:
 def cases(root: Path) -> dict[str, dict]:
     """name -> config overrides (as a dict tree) for a plan over ``build_corpus(root)``."""
     style = {"images": str(root / "style")}
-    base = {"output": {"path": str(root / "out")}, "style": style}
+    # the manifests point at ../content: a sibling folder, reachable only as a named root
+    base = {"output": {"path": str(root / "out")}, "style": style, "sources": {"roots": [str(root / "content")]}}
 
     def case(content: dict, **pairing) -> dict:
         return {**base, "content": {"prompts": None, "images": None, **content}, "pairing": pairing}
