@@ -151,6 +151,8 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     on SIGTERM/SIGINT (exit 143/130), the summary line."""
     from pipeline.config import ConfigError
     from pipeline.lease import LeaseHeld
+    from pipeline.ownership import check_owned
+    from pipeline.sink import StoreUnavailable
     from pipeline.sources import SourceError, check_output
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
@@ -162,6 +164,7 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     _stop_cleanly()
     try:
         if writes:
+            check_owned(cfg.output.path)  # before the S3 write probe: a folder stylegen did not make stays untouched
             check_output(cfg.output.path)
         summary = job(cfg, address=address, quiet=quiet, retry_failed=retry_failed)
     except (SourceError, ConfigError) as exc:
@@ -170,6 +173,8 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
         _fail(f"{config}: {exc}")
     except LeaseHeld as exc:
         _fail(str(exc))
+    except StoreUnavailable as exc:
+        _fail(str(exc), code=1)
     except Stopped as exc:
         _stopped(exc.signum)
     except Exception as exc:
@@ -288,6 +293,7 @@ def verify(
     from pipeline.integrity import check
     from pipeline.integrity import repair as quarantine
     from pipeline.lease import Lease, LeaseHeld
+    from pipeline.ownership import NotOurs, check_owned, claim
     from pipeline.sink import OutputStore
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -295,8 +301,11 @@ def verify(
     if not store.fs.exists(store.index) and not store.fs.exists(store.shards):
         _fail(f"{output}: not a stylegen output (no index/ or shards/)")
     try:
+        if repair:  # moves files: only in an output stylegen made, and never through a link
+            check_owned(output)
+            claim(output, "filter" if (store.read_json("run.json") or {}).get("kind") == "filter" else "run")
         lease = Lease(output, ttl_s=lease_ttl_s).acquire() if repair else None
-    except LeaseHeld as exc:
+    except (LeaseHeld, NotOurs) as exc:
         _fail(str(exc))
     try:
         problems = check(store, deep=True)
