@@ -116,15 +116,19 @@ def _stop_cleanly() -> None:
 def _check_sources(config: Path, cfg) -> int:
     """Planned samples of a run config (the plan) or a filter config (the samples of its input tars, counted one
     tar at a time); an unreadable source exits 2."""
+    from pipeline.ownership import check_overlap
     from pipeline.sources import SourceError
 
     try:
         if getattr(cfg, "kind", "run") == "filter":
+            check_overlap(cfg.output.path, [("input.shards", cfg.input.shards)])
             from pipeline.curate import _index_tars, list_inputs
 
             return sum(len(_index_tars([job])) for job in list_inputs(cfg))
         from pipeline.plan import build_plan
+        from pipeline.run import source_specs
 
+        check_overlap(cfg.output.path, source_specs(cfg))
         return len(build_plan(cfg))
     except SourceError as exc:
         _fail(f"{config}: {exc}")

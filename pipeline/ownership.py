@@ -1,4 +1,4 @@
-"""Whose folder is it: an output is stylegen's only when stylegen made it (docs/architecture.md §5).
+"""Whose folder is it: an output is stylegen's only when stylegen made it (docs/architecture.md §5.6).
 
 ``run``, ``filter`` and ``verify --repair`` move, replace and quarantine files of their output; that is safe only in
 a folder stylegen created. So an output gets a small marker ``OUTPUT/.stylegen`` (json: tool, version, created,

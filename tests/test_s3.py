@@ -101,9 +101,8 @@ def _rows(n: int) -> list[dict]:
 
 
 def test_failed_index_upload_leaves_orphan_that_restart_quarantines(s3_env, monkeypatch):
-    from pipeline.run import open_output
-
     from pipeline.config import OutputConfig
+    from pipeline.run import open_output
 
     out = f"s3://{s3_env['bucket']}/out/crash"
     store = OutputStore(out)
