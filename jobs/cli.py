@@ -298,7 +298,7 @@ def verify(
     from pipeline.integrity import repair as quarantine
     from pipeline.lease import Lease, LeaseHeld
     from pipeline.ownership import NotOurs, check_owned, claim
-    from pipeline.sink import OutputStore
+    from pipeline.sink import OutputStore, StoreUnavailable
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     store = OutputStore(output)
@@ -322,6 +322,8 @@ def verify(
             problems = check(store, deep=True)
             for problem in problems:
                 typer.echo(f"still: {problem.line()}")
+    except StoreUnavailable as exc:  # the store did not answer: nothing is damaged, nothing was moved
+        _fail(str(exc), code=1)
     finally:
         if lease is not None:
             lease.release()
