@@ -454,3 +454,16 @@ def test_a_persistent_503_stops_startup_and_moves_nothing(s3_output, monkeypatch
             open_output(OutputStore(out), None)
     assert "\n" not in str(err.value) and proxy.failed >= 2
     assert s3_snapshot(env["fs"], env["bucket"]) == before
+
+
+def test_verify_repair_through_a_failing_store_is_one_line_and_moves_nothing(s3_output):
+    out, env = s3_output
+    before = s3_snapshot(env["fs"], env["bucket"])
+    with FlakyProxy(env["env"]["AWS_ENDPOINT_URL"], "/index/", fail=10_000) as proxy:
+        proc = stylegen("verify", out, "--repair", env={"AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1"},
+                        timeout=180)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # retries log warnings
+    assert proc.returncode == 1 and len(errors) == 1 and "did not answer" in errors[0], proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert proxy.failed >= 2
+    assert s3_snapshot(env["fs"], env["bucket"]) == before
