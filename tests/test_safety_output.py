@@ -467,3 +467,13 @@ def test_verify_repair_through_a_failing_store_is_one_line_and_moves_nothing(s3_
     assert "Traceback" not in proc.stderr
     assert proxy.failed >= 2
     assert s3_snapshot(env["fs"], env["bucket"]) == before
+
+
+def test_validate_reports_a_source_under_the_output(tmp_path):
+    out = tmp_path / "out"
+    styles = out / "styles"
+    styles.mkdir(parents=True)
+    (styles / "a.png").write_bytes(encode_image(Image.new("RGB", (8, 8), (1, 2, 3))))
+    proc = stylegen("validate", str(run_config(tmp_path / "run.yaml", str(out), style={"images": str(styles)})))
+    line = one_line(proc)
+    assert proc.returncode == 2 and "style.images" in line and "under output.path" in line, proc.stderr
