@@ -17,6 +17,7 @@ source root, compared on normalised paths (realpath locally, bucket/key on S3).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import posixpath
@@ -212,39 +213,50 @@ def _norm(url: str) -> tuple[str, str]:
     return "file", os.path.realpath(url.removeprefix("file://"))
 
 
-def _overlap(a: str, b: str) -> bool:
-    a, b = a.rstrip("/") or "/", b.rstrip("/") or "/"
-    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-
-
 def _roots(spec: str) -> list[str]:
-    """The folders (or files) a source spec can read from: each brace alternative up to its first glob character."""
+    """The brace alternatives of a spec (a very long expansion falls back to the part before its first brace)."""
     parts: list[str] = []
     with contextlib.suppress(Exception):
         for part in braceexpand.braceexpand(spec):
             parts.append(part)
             if len(parts) > _MAX_BRACE_PARTS:
-                parts = [spec.split("{", 1)[0]]
-                break
-    roots = []
-    for part in parts or [spec]:
-        cut = min((i for i in (part.find(ch) for ch in "{*?[") if i >= 0), default=len(part))
-        roots.append(part if cut == len(part) else part[:cut].rsplit("/", 1)[0] or "/")
-    return roots
+                return [spec.split("{", 1)[0] + "**"]
+    return parts or [spec]
+
+
+def _pattern(part: str) -> tuple[str, list[str], int]:
+    """``(scheme, path components, how many of them are literal)`` of one source alternative; a glob keeps its
+    pattern components (up to a ``**``, which reaches everything below)."""
+    cut = min((i for i in (part.find(ch) for ch in "*?[") if i >= 0), default=len(part))
+    if cut == len(part):
+        root, rest = part, ""
+    else:
+        root = part[:cut].rpartition("/")[0]
+        rest = part[len(root):]
+        root = root or ("/" if part.startswith("/") else ".")
+    scheme, path = _norm(root)
+    literal = [c for c in path.split("/") if c]
+    pattern = [c for c in rest.split("/") if c]
+    if "**" in pattern:
+        pattern = pattern[:pattern.index("**")]
+    return scheme, literal + pattern, len(literal)
 
 
 def check_overlap(output: str, sources: Iterable[tuple[str, str | None]]) -> None:
-    """Refuse sources under ``output`` and an output inside a source root (config error, one line).
+    """Refuse sources under ``output`` and an output inside a source root (config error, one line): a source
+    overlaps when its path (or glob, component by component) and the output's are one a prefix of the other.
     ``sources`` are ``(config key, spec)`` pairs; None specs are skipped."""
     out_scheme, out_path = _norm(output)
+    out_parts = [c for c in out_path.split("/") if c]
     for key, spec in sources:
         if not spec:
             continue
-        for root in _roots(spec):
-            scheme, path = _norm(root)
-            if scheme != out_scheme or not _overlap(path, out_path):
+        for part in _roots(spec):
+            scheme, parts, literal = _pattern(part)
+            pairs = zip(out_parts, parts, strict=False)  # one a prefix of the other, glob components matching
+            if scheme != out_scheme or not all(fnmatch.fnmatchcase(o, p) for o, p in pairs):
                 continue
-            if _overlap(path, out_path) and (path == out_path or path.startswith(out_path.rstrip("/") + "/")):
+            if literal >= len(out_parts):
                 raise NotOurs(f"{key}: {spec} is under output.path {output}; a run never reads its own output "
                               "(give a source outside it)")
             raise NotOurs(f"output.path: {output} is inside the source {key}: {spec}; put the output outside "

@@ -281,9 +281,13 @@ def test_output_inside_a_source_folder_is_a_config_error(tmp_path):
     ("/data/c", "/data/c/shards/00000.tar", True),  # a named file
     ("/data/c", "/data/c/captions.jsonl", True),  # a manifest
     ("/data/c", "/data/c/**/*.png", True),  # a glob
-    ("/data/c/out", "/data/c/*.tar", True),  # the output inside the glob's root
+    ("/data/c/out", "/data/c/*.tar", False),  # the glob cannot reach into the output
+    ("/data/c/out.tar", "/data/c/*.tar", True),  # the output itself matched by the glob
     ("/data/c/out", "/data/c", True),  # the output inside a source folder
     ("/data/c", "/data/{a,b}/x.tar", False),
+    ("/data/out", "/data/in-*.tar", False),  # a glob that cannot reach into the output
+    ("/data/c", "/data/*/x.tar", True),  # ... and one that can
+    ("/data/out", "/data/**/x.tar", True),
     ("/data/cc", "/data/c/x.tar", False),  # a common prefix is not a parent
     ("s3://bkt/out", "s3://bkt/out/shards/{0..3}.tar", True),
     ("s3://bkt/out", "s3a://bkt/out/x/*.tar", True),
