@@ -118,15 +118,19 @@ def _stop_cleanly() -> None:
 def _check_sources(config: Path, cfg) -> int:
     """Planned samples of a run config (the plan) or a filter config (the samples of its input tars, counted one
     tar at a time); an unreadable source exits 2."""
+    from pipeline.ownership import check_overlap
     from pipeline.sources import SourceError
 
     try:
         if getattr(cfg, "kind", "run") == "filter":
+            check_overlap(cfg.output.path, [("input.shards", cfg.input.shards)])
             from pipeline.curate import _index_tars, list_inputs
 
             return sum(len(_index_tars([job])) for job in list_inputs(cfg))
         from pipeline.plan import build_plan
+        from pipeline.run import source_specs
 
+        check_overlap(cfg.output.path, source_specs(cfg))
         return len(build_plan(cfg))
     except SourceError as exc:
         _fail(f"{config}: {exc}")
@@ -153,6 +157,8 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     on SIGTERM/SIGINT (exit 143/130), the summary line."""
     from pipeline.config import ConfigError
     from pipeline.lease import LeaseHeld
+    from pipeline.ownership import check_owned
+    from pipeline.sink import StoreUnavailable
     from pipeline.sources import SourceError, check_output
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
@@ -164,6 +170,7 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     _stop_cleanly()
     try:
         if writes:
+            check_owned(cfg.output.path)  # before the S3 write probe: a folder stylegen did not make stays untouched
             check_output(cfg.output.path)
         summary = job(cfg, address=address, quiet=quiet, retry_failed=retry_failed)
     except (SourceError, ConfigError) as exc:
@@ -172,6 +179,8 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
         _fail(f"{config}: {exc}")
     except LeaseHeld as exc:
         _fail(str(exc))
+    except StoreUnavailable as exc:
+        _fail(str(exc), code=1)
     except Stopped as exc:
         _stopped(exc.signum)
     except Exception as exc:
@@ -290,15 +299,19 @@ def verify(
     from pipeline.integrity import check
     from pipeline.integrity import repair as quarantine
     from pipeline.lease import Lease, LeaseHeld
-    from pipeline.sink import OutputStore
+    from pipeline.ownership import NotOurs, check_owned, claim
+    from pipeline.sink import OutputStore, StoreUnavailable
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     store = OutputStore(output)
     if not store.fs.exists(store.index) and not store.fs.exists(store.shards):
         _fail(f"{output}: not a stylegen output (no index/ or shards/)")
     try:
+        if repair:  # moves files: only in an output stylegen made, and never through a link
+            check_owned(output)
+            claim(output, "filter" if (store.read_json("run.json") or {}).get("kind") == "filter" else "run")
         lease = Lease(output, ttl_s=lease_ttl_s).acquire() if repair else None
-    except LeaseHeld as exc:
+    except (LeaseHeld, NotOurs) as exc:
         _fail(str(exc))
     try:
         problems = check(store, deep=True)
@@ -311,6 +324,8 @@ def verify(
             problems = check(store, deep=True)
             for problem in problems:
                 typer.echo(f"still: {problem.line()}")
+    except StoreUnavailable as exc:  # the store did not answer: nothing is damaged, nothing was moved
+        _fail(str(exc), code=1)
     finally:
         if lease is not None:
             lease.release()

@@ -1,7 +1,8 @@
 """``OUTPUT/README.md``: a dataset card, so a corpus explains itself to whoever finds it later.
 
 Written from ``run.json``'s record and the index at the end of every run (and marked "in progress" at the
-start), through the OutputStore so that it lands on S3 the same way as everything else.
+start), through the OutputStore so that it lands on S3 the same way as everything else. A ``README.md`` that
+stylegen did not write (it does not start with the card's front matter, or is a link) is never replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipeline.sink import OutputStore
 log = logging.getLogger(__name__)
 
 CARD = "README.md"
+CARD_START = b"---\ntags: [stylegen,"  # how every card stylegen writes begins
 
 
 def score_summary(values: list[float | None]) -> dict[str, float] | None:
@@ -133,9 +135,24 @@ def write_text(store: OutputStore, name: str, text: str) -> None:
 
 
 def write_card(store: OutputStore, record: dict[str, Any], *, in_progress: bool = False) -> None:
-    """Write ``OUTPUT/README.md``; a card that cannot be written is logged, never fatal to the run."""
+    """Write ``OUTPUT/README.md``; a card that cannot be written, or a README that is not stylegen's, is logged,
+    never fatal to the run."""
     try:
+        if _foreign_readme(store):
+            log.warning("%s/%s was not written by stylegen: leaving it as it is (no dataset card)", store.url, CARD)
+            return
         index = store.read_index(["status", "clip_content", "clip_style"]).to_pylist()
         write_text(store, CARD, render_card(record, index, in_progress=in_progress))
     except Exception as exc:
         log.warning("could not write the dataset card %s/%s: %s", store.url, CARD, exc)
+
+
+def _foreign_readme(store: OutputStore) -> bool:
+    path = f"{store.root}/{CARD}"
+    if not store.remote and os.path.islink(path):
+        return True
+    try:
+        with store.fs.open(path, "rb") as f:
+            return not f.read(len(CARD_START)).startswith(CARD_START)
+    except FileNotFoundError:
+        return False

@@ -41,6 +41,7 @@ from pipeline.fs import read_range
 from pipeline.integrity import failed_mask, quarantine_unreadable, supersede
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.members import kept_members, screened_image, shown
+from pipeline.ownership import check_overlap, check_owned, claim
 from pipeline.sink import OutputStore, commit_rows, shard_name
 from pipeline.sources import SourceError, _expand, _id_root, _relative_id
 from pipeline.tar_index import index_tar
@@ -328,6 +329,11 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     reason contains it; "" for all), embeddings included."""
     from pipeline.run import configure_data_context, init_ray
 
+    check_owned(cfg.output.path)  # a folder stylegen did not make is refused before anything is read
+    check_overlap(cfg.output.path, [("input.shards", cfg.input.shards)])
+    if cfg.embeddings.path:
+        check_owned(cfg.embeddings.path)
+        check_overlap(cfg.embeddings.path, [("input.shards", cfg.input.shards)])
     lease = Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
     jobs = list_inputs(cfg)
@@ -337,6 +343,8 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
         # Indexed once into the object store (the driver holds block references): an input error exits before
         # anything is created under the output, and the four passes below read the listing, not the tars.
         plan = index_inputs(jobs)
+        claim(cfg.output.path, "filter")  # the marker first, before the lease file or anything else
+        claim(cfg.embeddings_path(), "embeddings")
         with lease:
             return _with_embeddings_lease(cfg, plan, quiet=quiet, retry_failed=retry_failed)
     finally:

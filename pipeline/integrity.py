@@ -10,6 +10,10 @@ the index columns, no tar is read); ``stylegen verify`` reads every tar.
 
 :func:`repair` moves the files of each problem to ``OUTPUT/_quarantine/<stamp>/`` (never deletes), shard first
 and index last, so that the samples they held are no longer done and the next run redoes them.
+:func:`startup_repair` does the same at the start of ``run``/``filter`` (orphan shards of a crash included), but
+stops with one line and moves nothing when more than half of the shards would go: that is not a crash but a
+partial copy (``shards/`` without ``index/``) or someone else's files. A store that does not answer (HTTP 5xx,
+timeouts) is not damage: :class:`~pipeline.sink.StoreUnavailable` stops the run and nothing is moved.
 
 :func:`supersede` takes rows out of the index for ``--retry-failed``: the file that held them is copied to
 ``OUTPUT/_superseded/<stamp>/`` and rewritten without them, so ``index/`` keeps exactly one row per key for any
@@ -28,8 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.fs import retry_transient
 from pipeline.members import output_name_problem, shown
-from pipeline.sink import DamagedFile, OutputStore, _conform
+from pipeline.ownership import NotOurs
+from pipeline.sink import DamagedFile, OutputStore, StoreUnavailable, _conform, _first_line, store_error
 from pipeline.tar_index import index_open_tar
 
 log = logging.getLogger(__name__)
@@ -45,17 +51,26 @@ class Problem:
     path: str  # the file the problem concerns
     what: str
     quarantine: list[str] = field(default_factory=list)  # what repair moves away, in this order
+    orphan: bool = False  # a shard without its index file (a crash before the commit)
 
     def line(self) -> str:
         return f"{self.path}: {self.what}"
 
 
 def _sizes(store: OutputStore, directory: str) -> dict[str, int]:
-    try:
+    def listing() -> dict[str, int]:
         return {e["name"]: int(e.get("size") or 0) for e in store.fs.ls(directory, detail=True)
                 if e.get("type") != "directory"}
+
+    try:
+        return retry_transient(listing, what=directory) if store.remote else listing()
     except FileNotFoundError:
         return {}
+    except Exception as exc:
+        if store_error(exc):
+            raise StoreUnavailable(f"{directory}: the store did not answer a listing ({exc.__class__.__name__}: "
+                                   f"{_first_line(exc)}); nothing was changed, rerun later") from None
+        raise
 
 
 def check(store: OutputStore, *, deep: bool = True) -> list[Problem]:
@@ -87,7 +102,7 @@ def check(store: OutputStore, *, deep: bool = True) -> list[Problem]:
             problems.append(per_file[path][0])
     for path in sorted(p for p in shard_sizes if p.endswith(".tar") and _stem(p) not in stems):
         problems.append(Problem(path, "orphan shard without an index file (a crash before its commit, or a commit "
-                                      "in progress)", [path]))
+                                      "in progress)", [path], orphan=True))
     if store.tmp and os.path.isdir(store.tmp):
         for name in sorted(os.listdir(store.tmp)):
             path = f"{store.tmp}/{name}"
@@ -98,6 +113,18 @@ def check(store: OutputStore, *, deep: bool = True) -> list[Problem]:
 CHUNK = 64  # index files per Ray task
 
 
+def _unwrapped(get):
+    """``get()``, with a worker's :class:`StoreUnavailable` raised as itself (its one line), not as Ray's
+    multi-line task error."""
+    try:
+        return get()
+    except Exception as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, StoreUnavailable):
+            raise StoreUnavailable(str(cause)) from None
+        raise
+
+
 def _map_chunks(fn, url: str, jobs: list, *args) -> list:
     """``fn(url, chunk, *args)`` over chunks of ``jobs``: Ray tasks when Ray is initialised, else in-process."""
     import ray
@@ -105,7 +132,8 @@ def _map_chunks(fn, url: str, jobs: list, *args) -> list:
     chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
     if ray.is_initialized() and chunks:  # the driver reads no index file itself
         task = ray.remote(num_cpus=1)(fn)
-        return [r for part in ray.get([task.remote(url, chunk, *args) for chunk in chunks]) for r in part]
+        parts = _unwrapped(lambda: ray.get([task.remote(url, chunk, *args) for chunk in chunks]))
+        return [r for part in parts for r in part]
     return [r for chunk in chunks for r in fn(url, chunk, *args)]
 
 
@@ -146,7 +174,7 @@ def _repeated_keys(store: OutputStore, paths: list[str]) -> dict[str, tuple[int,
     if not ray.is_initialized():
         return _repeats_in(store.url, paths)
     if len(paths) <= SMALL_INDEX:
-        return ray.get(ray.remote(num_cpus=1)(_repeats_in).remote(store.url, paths))
+        return _unwrapped(lambda: ray.get(ray.remote(num_cpus=1)(_repeats_in).remote(store.url, paths)))
     from ray.data.aggregate import Count
 
     from pipeline.resume import arrow_fs
@@ -277,12 +305,26 @@ def repair(store: OutputStore, problems: list[Problem]) -> list[str]:
     return moved
 
 
-def startup_repair(store: OutputStore) -> int:
-    """The cheap checks at the start of ``run``/``filter`` (under the lease, after orphan removal); repairs
-    what they find and returns how many problems there were."""
+# A crash leaves at most one orphan per write in flight; more than this many shards to quarantine, and more than
+# half of all shards, is not a crash (a copy of shards/ alone, or files stylegen did not write).
+ORPHAN_ALLOWANCE = 8
+
+
+def startup_repair(store: OutputStore) -> tuple[int, int]:
+    """The cheap checks at the start of ``run``/``filter`` (under the lease, after :meth:`OutputStore.prepare`):
+    quarantines what they find and returns ``(orphan shards, other problems)``. Raises :class:`NotOurs` with
+    nothing moved when most of the shards would be quarantined."""
     problems = check(store, deep=False)
+    shards = [p for p in _sizes(store, store.shards) if p.endswith(".tar")]
+    doomed = {path for p in problems for path in p.quarantine if path.startswith(f"{store.shards}/")}
+    if len(doomed) > max(ORPHAN_ALLOWANCE, len(shards) / 2):
+        example = next(p for p in problems if any(q in doomed for q in p.quarantine))
+        raise NotOurs(f"output.path: {store.url}: {len(doomed)} of {len(shards)} shards would be quarantined "
+                      f"(e.g. {example.line()}); not a crash to repair, so nothing was moved: is this a partial copy "
+                      f"of an output? See `stylegen verify {store.url}`")
     repair(store, problems)
-    return len(problems)
+    orphans = sum(p.orphan for p in problems)
+    return orphans, len(problems) - orphans
 
 
 def supersede(store: OutputStore, subdir: str, drop: Callable[[pa.Table], pa.Array]) -> list[str]:

@@ -4,20 +4,28 @@ Locally the lease is an exclusive ``flock`` on ``OUTPUT/_lease``: the kernel dro
 crashed run never blocks the next one. The file holds the holder's host, pid and start time for the message a
 second writer prints. On S3 there are no locks: the lease is an object created with a conditional PUT
 (``If-None-Match: *``), renewed by a heartbeat thread with ``If-Match`` on its ETag, and taken over only after
-it has not been renewed for ``ttl_s`` seconds (a crashed holder). Clocks of the hosts are assumed to agree to
-well within the TTL (NTP). No library offers a lease on an fsspec URL, so this is hand-written.
+it has not been renewed for ``ttl_s`` seconds (a crashed holder), judged by the store's own clock (the object's
+``LastModified`` against the response's ``Date``), so a taker with a wrong clock cannot steal a live lease. A
+refused conditional write is recognised by its error code (``PreconditionFailed``, HTTP 412), never by text.
+
+The local ``_lease`` is opened without following links and without blocking, and must be a regular file: a
+symlink (whose target would be truncated) or a FIFO (which would hang) is refused with one line. No library
+offers a lease on an fsspec URL, so this is hand-written.
 """
 
 from __future__ import annotations
 
 import _thread
 import contextlib
+import email.utils
+import errno
 import fcntl
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -25,7 +33,7 @@ from typing import Any
 
 from fsspec.asyn import sync
 
-from pipeline.fs import get_fs, is_remote
+from pipeline.fs import file_kind, get_fs, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,29 @@ LEASE_NAME = "_lease"
 
 class LeaseHeld(RuntimeError):
     """Another writer holds the output; the CLI prints this as one line and exits 2."""
+
+
+class LeaseRefused(LeaseHeld):
+    """``_lease`` is not a regular file (a symlink, FIFO, folder): never followed or opened for writing."""
+
+
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _open_lease(path: str, url: str, flags: int) -> int:
+    """Open ``path`` without following a link or blocking on a FIFO; refuse anything but a regular file."""
+    try:
+        fd = os.open(path, flags | _OPEN_FLAGS, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (os.path.islink(path)):
+            raise LeaseRefused(f"{url}: {path} is a symlink; refusing to follow it (remove it)") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise LeaseRefused(f"{url}: {path} is a {file_kind(mode)}, not a regular file; refusing it (remove it)")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _holder_text(url: str, info: dict[str, Any] | None) -> str:
@@ -80,11 +111,13 @@ class Lease:
             except FileNotFoundError:
                 return
             holder = _parse(sync(self.fs.loop, _read_body, current["Body"]))
-            if holder and time.time() - float(holder.get("renewed", 0)) < float(holder.get("ttl_s", self.ttl_s)):
+            if holder and _store_age(current) < float(holder.get("ttl_s", self.ttl_s)):
                 raise LeaseHeld(_holder_text(self.url, holder))
             return
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = _open_lease(self.path, self.url, os.O_RDONLY)
+        except LeaseRefused:
+            raise
         except OSError:
             return  # no lease file (a new output) or not readable: acquire decides
         try:
@@ -118,7 +151,7 @@ class Lease:
     # ---- local: flock ---------------------------------------------------------------------------------
     def _acquire_local(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lease(self.path, self.url, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -153,7 +186,7 @@ class Lease:
             except FileNotFoundError:
                 continue  # released between our PUT and GET: try again
             holder = _parse(raw)
-            age = time.time() - float((holder or {}).get("renewed", 0))
+            age = _store_age(current)
             if holder and age < float(holder.get("ttl_s", self.ttl_s)):
                 raise LeaseHeld(_holder_text(self.url, holder))
             log.warning("%s: taking over an expired lease of %s pid %s (not renewed for %.0f s)", self.url,
@@ -204,8 +237,24 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
+def _store_age(response: dict[str, Any]) -> float:
+    """Seconds since the lease object was last written, by the store's clock: the response's ``Date`` minus the
+    object's ``LastModified`` (this host's clock only when the store sends no ``Date``)."""
+    modified = response.get("LastModified")
+    if modified is None:
+        return float("inf")
+    date = (response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get("date")
+    try:
+        now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
+    except (TypeError, ValueError):
+        now = time.time()
+    return now - modified.timestamp()
+
+
 def _precondition_failed(exc: Exception) -> bool:
-    """s3fs turns botocore's ClientError into OSError subclasses; the status survives in the text or cause."""
+    """A conditional write refused by the store: error code ``PreconditionFailed`` (or a conflicting
+    concurrent conditional write), HTTP 412/409. s3fs turns botocore's ClientError into OSError subclasses and
+    keeps it as the cause; the code is read from there, never from the message text."""
     for err in (exc, exc.__cause__, exc.__context__):
         if err is None:
             continue
@@ -213,7 +262,5 @@ def _precondition_failed(exc: Exception) -> bool:
         code = str(response.get("Error", {}).get("Code", ""))
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-            return True
-        if "PreconditionFailed" in str(err) or "412" in str(err) or "ConditionalRequestConflict" in str(err):
             return True
     return False

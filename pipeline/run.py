@@ -21,6 +21,7 @@ from pipeline.card import write_card
 from pipeline.config import RunConfig
 from pipeline.integrity import failed_mask, startup_repair, supersede
 from pipeline.lease import Lease
+from pipeline.ownership import check_overlap, check_owned, claim
 from pipeline.plan_dataset import SAMPLE_COLUMNS, SMALL_PLAN, list_sources, plan_dataset
 from pipeline.progress import ProgressReporter
 from pipeline.redact import (
@@ -200,9 +201,12 @@ def execute(config: RunConfig, todo, quiet: bool = False) -> None:
 
 
 def open_output(store: OutputStore, retry_failed: str | None) -> dict[str, int]:
-    """Start-up under the lease: orphans removed, damage quarantined, and with ``retry_failed`` (a reason
-    substring, "" for all) the failed rows superseded so that their samples are planned again."""
-    counts = {"orphans_removed": store.prepare(), "repaired": startup_repair(store), "retried": 0}
+    """Start-up under the lease: orphans and damage quarantined (never deleted), and with ``retry_failed`` (a
+    reason substring, "" for all) the failed rows superseded so that their samples are planned again.
+    ``orphans_removed`` counts the orphan shards moved to ``_quarantine/``."""
+    store.prepare()
+    orphans, repaired = startup_repair(store)
+    counts = {"orphans_removed": orphans, "repaired": repaired, "retried": 0}
     if retry_failed is not None:
         counts["retried"] = len(supersede(store, "index", failed_mask(retry_failed)))
         log.info("retrying %d failed samples%s", counts["retried"],
@@ -210,11 +214,18 @@ def open_output(store: OutputStore, retry_failed: str | None) -> dict[str, int]:
     return counts
 
 
+def source_specs(config: RunConfig) -> list[tuple[str, str | None]]:
+    return [("content.prompts", config.content.prompts), ("content.images", config.content.images),
+            ("style.images", config.style.images)]
+
+
 def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
         retry_failed: str | None = None) -> RunSummary:
     """Run (or resume) the configured job under the output's writer lease and return its summary; ``run.json``
     records it. ``retry_failed`` re-plans failed samples (those whose reason contains it; "" for all)."""
     started = time.time()
+    check_owned(config.output.path)  # a folder stylegen did not make is refused before anything is read
+    check_overlap(config.output.path, source_specs(config))
     lease = Lease(config.output.path, ttl_s=config.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
     listing = list_sources(config)  # read-only: a source error exits before anything is created under the output
@@ -226,6 +237,7 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
     try:
         configure_data_context(config.ray.wait_for_actors_s, quiet)
         plan = plan_dataset(config, listing)
+        claim(config.output.path, "run")  # the marker first, before the lease file or anything else
         with lease:
             return _run(config, plan, started, quiet=quiet, retry_failed=retry_failed)
     finally:

@@ -3,9 +3,10 @@
 ``OUTPUT/shards/<name>.tar`` and ``OUTPUT/index/<name>.parquet`` are written as a pair whose name is
 ``sha1(sorted keys)[:16]``: a retried write of the same rows rewrites the same pair, different rows can
 never collide. The tar goes first and the index last; the index is the commit marker, so a tar without
-its index is an orphan from a crash and is deleted at start-up. Locally each file is staged in
-``OUTPUT/_tmp``, fsynced and renamed into place; on S3 a file is uploaded whole (one PUT or a completed
-multipart upload), which is never visible half-written.
+its index is an orphan from a crash and is quarantined at start-up (pipeline.integrity; nothing is ever
+deleted). The layout folders are created only in an output stylegen made (pipeline.ownership). Locally each
+file is staged in ``OUTPUT/_tmp``, fsynced and renamed into place; on S3 a file is uploaded whole (one PUT
+or a completed multipart upload), which is never visible half-written.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from pipeline.config import OutputConfig
-from pipeline.fs import get_fs, is_remote
+from pipeline.fs import get_fs, is_remote, is_transient, retry_transient
 from pipeline.members import check_output_member
+from pipeline.ownership import check_layout
 from pipeline.stages import ROW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -68,19 +70,15 @@ class OutputStore:
         self.tmp = None if self.remote else f"{self.root}/_tmp"
 
     # ---- start-up ---------------------------------------------------------------------------------
-    def prepare(self) -> int:
-        """Create the layout and delete orphans (a tar whose index never landed); return how many."""
+    def prepare(self) -> None:
+        """Create the layout (refusing layout entries that are links or of the wrong type) and clear ``_tmp``.
+        Orphan shards are left for :func:`pipeline.integrity.startup_repair`, which quarantines them."""
+        check_layout(self.url)
         if not self.remote:
             for d in (self.shards, self.index, self.tmp):
                 os.makedirs(d, exist_ok=True)
         self.clear_tmp()
         self.fs.invalidate_cache()
-        indexed = {self._stem(p) for p in self._list(self.index, ".parquet")}
-        orphans = [p for p in self._list(self.shards, ".tar") if self._stem(p) not in indexed]
-        for path in orphans:
-            log.warning("removing orphan shard without index (crash before commit): %s", path)
-            self.fs.rm_file(path)
-        return len(orphans)
 
     def clear_tmp(self) -> None:
         """Remove staged files a crashed run left behind (local only; S3 stages outside the bucket)."""
@@ -107,13 +105,20 @@ class OutputStore:
         return self._list(self.shards, ".tar")
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        """One parquet file; any failure to read it is a :class:`DamagedFile` naming it."""
-        try:
+        """One parquet file. A transient store error (5xx, timeout, reset) is retried with backoff and, if it
+        persists, raised as :class:`StoreUnavailable`; any other failure is a :class:`DamagedFile` naming it."""
+        def read() -> pa.Table:
             with self.fs.open(path, "rb") as f:
                 return pq.read_table(f, columns=columns)
+
+        try:
+            return retry_transient(read, what=path) if self.remote else read()
         except FileNotFoundError:
             raise
         except Exception as exc:  # truncated, garbled, wrong schema: the file is damaged, not the run
+            if store_error(exc):
+                raise StoreUnavailable(f"{path}: the store did not answer ({exc.__class__.__name__}: "
+                                       f"{_first_line(exc)}); nothing was changed, rerun later") from None
             raise DamagedFile(path, f"unreadable parquet ({exc.__class__.__name__}: {exc})") from None
 
     def read_index(self, columns: list[str] | None = None, *, skip_damaged: bool = False) -> pa.Table:
@@ -255,6 +260,24 @@ class WriteError(OSError):
 
     def __reduce__(self):
         return type(self), self._saved
+
+
+class StoreUnavailable(RuntimeError):
+    """The store kept failing (HTTP 5xx, timeouts, resets) while reading the output: not damage, so nothing is
+    quarantined; the run stops with this one line. Keeps its message through Ray (see :class:`WriteError`)."""
+
+    def __reduce__(self):
+        return type(self), (str(self),)
+
+
+def store_error(exc: BaseException) -> bool:
+    """A network or service error of the store, never content damage: an Arrow error (bad magic, schema) is
+    damage even when its text holds a number that looks like an HTTP status."""
+    return not isinstance(exc, pa.ArrowException) and is_transient(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 class DamagedFile(OSError):

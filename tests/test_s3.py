@@ -100,8 +100,9 @@ def _rows(n: int) -> list[dict]:
              "clip_style": 0.2} for i in range(n)]
 
 
-def test_failed_index_upload_leaves_orphan_that_restart_removes(s3_env, monkeypatch):
+def test_failed_index_upload_leaves_orphan_that_restart_quarantines(s3_env, monkeypatch):
     from pipeline.config import OutputConfig
+    from pipeline.run import open_output
 
     out = f"s3://{s3_env['bucket']}/out/crash"
     store = OutputStore(out)
@@ -120,8 +121,9 @@ def test_failed_index_upload_leaves_orphan_that_restart_removes(s3_env, monkeypa
     assert len(store.shard_files()) == 1 and store.index_files() == []
     assert store.done_keys() == set()  # not committed: the samples are not done
 
-    assert OutputStore(out).prepare() == 1
+    assert open_output(OutputStore(out), None)["orphans_removed"] == 1
     assert store.shard_files() == []
+    assert len(s3_env["fs"].find(f"{s3_env['bucket']}/out/crash/_quarantine")) == 1  # moved aside, not deleted
     commit_rows(store, _rows(3), OutputConfig(path=out, samples_per_shard=8))
     check_invariants(out, {r["key"] for r in _rows(3)})
     assert isinstance(store.read_index(), pa.Table)

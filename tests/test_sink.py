@@ -156,7 +156,9 @@ def test_chunk_without_kept_rows_writes_only_the_index(tmp_path):
     assert len(index) == 5 and all(r["shard"] is None for r in index)
 
 
-def test_prepare_deletes_orphans_and_clears_tmp(tmp_path):
+def test_startup_quarantines_orphans_and_clears_tmp(tmp_path):
+    from pipeline.run import open_output
+
     store = store_at(tmp_path)
     commit_rows(store, make_rows(4), output(tmp_path, samples_per_shard=100))
     committed_tar, committed_index = store.shard_files(), store.index_files()
@@ -166,9 +168,11 @@ def test_prepare_deletes_orphans_and_clears_tmp(tmp_path):
     orphan.write_bytes(Path(committed_tar[0]).read_bytes())
     (tmp_path / "_tmp" / "half-written.parquet").write_bytes(b"partial")
 
-    removed = OutputStore(str(tmp_path)).prepare()
-    assert removed == 1
-    assert not orphan.exists()
+    opened = open_output(OutputStore(str(tmp_path)), None)
+    assert opened["orphans_removed"] == 1
+    assert not orphan.exists()  # moved aside, never deleted
+    assert [p.read_bytes() for p in tmp_path.glob("_quarantine/*/shards/0123456789abcdef.tar")] == \
+        [Path(committed_tar[0]).read_bytes()]
     assert os.listdir(tmp_path / "_tmp") == []
     assert store.shard_files() == committed_tar and store.index_files() == committed_index
 
