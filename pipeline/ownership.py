@@ -29,7 +29,7 @@ from typing import Any
 import braceexpand
 import pyarrow.parquet as pq
 
-from pipeline.fs import file_kind, get_fs, is_remote
+from pipeline.fs import file_kind, get_fs, is_remote, local_path
 from pipeline.sources import SourceError
 
 MARKER = ".stylegen"
@@ -210,7 +210,7 @@ def _norm(url: str) -> tuple[str, str]:
         scheme, _, rest = url.partition("://")
         scheme = {"s3a": "s3", "s3n": "s3"}.get(scheme, scheme)
         return scheme, posixpath.normpath("/" + rest).lstrip("/").rstrip("/")
-    return "file", os.path.realpath(url.removeprefix("file://"))
+    return "file", os.path.realpath(local_path(url))
 
 
 def _roots(spec: str) -> list[str]:

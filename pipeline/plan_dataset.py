@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import RunConfig
-from pipeline.fs import is_remote
+from pipeline.fs import is_remote, local_path
 from pipeline.plan import PlannedSample, pair_content
 from pipeline.sources import (
     ImageRef,
@@ -259,7 +259,7 @@ class Listing:
 
 def list_sources(config: RunConfig) -> Listing:
     """List every source file; a missing or unreadable source is a SourceError before Ray starts."""
-    exclude = [] if is_remote(config.output.path) else [config.output.path.removeprefix("file://")]
+    exclude = [] if is_remote(config.output.path) else [local_path(config.output.path)]
     content, policy = config.content, config.sources
     pool = None
     if content.images:

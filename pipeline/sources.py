@@ -247,7 +247,7 @@ def check_output(url: str, key: str = "output.path") -> None:
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
             return
-        path = os.path.abspath(url.removeprefix("file://"))
+        path = local_path(url)
         existing = path
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)

@@ -295,6 +295,9 @@ def test_output_inside_a_source_folder_is_a_config_error(tmp_path):
     ("s3://bkt/out", "s3://bkt/outside/x.tar", False),
     ("s3://bkt/out", "s3://other/out/x.tar", False),
     ("/data/c", "s3://data/c/x.tar", False),
+    ("local:///data/c", "/data/c/shards/00000.tar", True),  # local:// is a local path, not a scheme of its own
+    ("/data/c", "local:///data/c/x.tar", True),
+    ("file:///data/c/out", "local:///data/c", True),
 ])
 def test_overlap_of_every_kind_of_source(output, spec, bad):
     if bad:
