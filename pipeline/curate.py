@@ -238,8 +238,14 @@ class Embedder:
             if ext is None:
                 rec["error"] = f"no image member (has: {', '.join(shown(e) for e in sorted(members))})"
                 continue
+            oversized = [e for e in kept_members(members)[0] if members[e][1] > self.decode.max_bytes]
+            if oversized:  # every member a kept sample copies is bounded, checked from the tar index alone
+                e = oversized[0]
+                rec["error"] = f"member .{shown(e)}: {members[e][1]} bytes, more than decode.max_bytes=" \
+                               f"{self.decode.max_bytes}"
+                continue
             try:
-                data = read_range(row["url"], *members[ext])
+                data = read_range(row["url"], *members[ext], max_bytes=self.decode.max_bytes)
                 rec["sha1"] = hashlib.sha1(data).hexdigest()
                 # the guards of `run` (decode.max_pixels, max_aspect) from the header first, stable reasons
                 image = decode_image(data, max_pixels=self.decode.max_pixels, max_side=self.decode.max_side,

@@ -81,21 +81,29 @@ def test_filter_writes_only_its_own_names_and_the_screened_image(ray_local, tmp_
         ("sliver.jpg", _jpg(5, (400, 8))), ("sliver.txt", b"a sliver"),  # aspect 50 > decode.max_aspect 20
         ("html.jpg", b"<!DOCTYPE html><html><body>not found</body></html>"), ("html.txt", b"html"),
         ("plain.jpg", _jpg(6)), ("plain.txt", b"plain \x1b[31mred\x07"),
+        # over decode.max_bytes: the screened image (trailing bytes a decoder would ignore), a kept text member
+        ("bigimg.jpg", _jpg(7) + bytes(400_000)), ("bigimg.txt", b"big image"),
+        ("bigtxt.jpg", _jpg(8)), ("bigtxt.txt", b"x" * 400_000),
     ])
     out = tmp_path / "out"
     cfg = validate_config({"input": {"shards": str(corpus / "in.tar")}, "output": {"path": str(out)},
+                           "decode": {"max_bytes": 300_000},
                            "scoring": {"clip_model": "tiny:clip", "batch_size": 8}}, schema=FilterRunConfig)
     summary = curate(cfg, quiet=True)
-    assert (summary.planned, summary.kept, summary.failed) == (7, 5, 2), summary
+    assert (summary.planned, summary.kept, summary.failed) == (9, 5, 4), summary
 
     rows = check_invariants(str(out), {hashlib.sha1(f"in.tar/{k}".encode()).hexdigest()[:16]
-                                       for k in ("good", "evil", "long", "deep", "sliver", "html", "plain")})
+                                       for k in ("good", "evil", "long", "deep", "sliver", "html", "plain",
+                                                                    "bigimg", "bigtxt")})
     by_id = {r["content_id"].split("/", 1)[1]: r for r in rows}
     for r in rows:  # the key derivation of every existing filter output: sha1 of the source id
         assert r["key"] == hashlib.sha1(r["content_id"].encode()).hexdigest()[:16]
     assert "aspect ratio" in by_id["sliver"]["reason"] and "max_aspect" in by_id["sliver"]["reason"]
     assert by_id["html"]["reason"] == "image: not an image: HTML document"
     assert all(" at 0x" not in (r["reason"] or "") for r in rows)
+    for name, ext in (("bigimg", "jpg"), ("bigtxt", "txt")):  # refused from the tar index, never read whole
+        assert by_id[name]["reason"].startswith(f"member .{ext}: ") and "decode.max_bytes=300000" in \
+            by_id[name]["reason"], by_id[name]["reason"]
 
     members = _output_members(out)
     assert set(members[by_id["good"]["key"]]) == {"jpg", "txt", "json", "cls"}
@@ -109,8 +117,8 @@ def test_filter_writes_only_its_own_names_and_the_screened_image(ray_local, tmp_
     assert by_id["plain"]["prompt"] == "plain [31mred"  # control characters stripped, as in `run`
     assert not any(p.name == "p" for p in tmp_path.rglob("*")) and not Path("/tmp/p").exists()
 
-    assert curate(cfg, quiet=True).skipped == 7  # a rerun succeeds and has nothing to do
-    assert len(read_index(str(out))) == 7
+    assert curate(cfg, quiet=True).skipped == 9  # a rerun succeeds and has nothing to do
+    assert len(read_index(str(out))) == 9
     proc = _verify(out)
     assert proc.returncode == 0 and "ok: 0 problems" in proc.stdout, proc.stdout + proc.stderr
 
