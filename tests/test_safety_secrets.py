@@ -19,9 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote
 
@@ -34,6 +32,7 @@ from PIL import Image
 from pipeline.redact import REDACTED, SECRET_ENV, public_config, redact_text, redact_url, register_secrets
 from pipeline.sink import INDEX_SCHEMA
 from tests.hostile_corpus import textured
+from tests.http_counter import CountingServer
 from tests.unit_helpers import png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,45 +42,6 @@ LIMIT_S = 420
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-class Server:
-    """An HTTP server on 127.0.0.1 that serves one PNG at ``/img.png`` (404 elsewhere) and counts requests."""
-
-    def __init__(self):
-        body = png_bytes(textured((40, 40), seed=3))
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                outer.requests.append(self.path)
-                if self.path.split("?", 1)[0] == "/img.png":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                else:
-                    self.send_error(404)
-
-            do_HEAD = do_GET  # noqa: N815
-
-            def log_message(self, *args):  # quiet
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(10)
-
-
 def leaks(root: Path) -> list[str]:
     """Files under ``root`` whose bytes hold the sentinel (plain, URL-quoted or UTF-16)."""
     found = []
@@ -198,7 +158,7 @@ def test_sentinel_secret_is_nowhere_in_output_report_logs_or_console(tmp_path):
     cache = tmp_path / f"cache-{SENTINEL}"  # only the run's Ray workers get this location (config env_vars)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # this run's Ray session logs (short: socket paths)
     out, report = tmp_path / "out", tmp_path / "report"
-    with Server() as server:
+    with CountingServer(png_bytes(textured((40, 40), seed=3))) as server:
         base = f"http://127.0.0.1:{server.port}"
         rows = [{"image": "c0.png", "prompt": "a local picture"},
                 {"image": f"http://user:{SENTINEL}@127.0.0.1:{server.port}/img.png", "prompt": "userinfo"},
@@ -304,7 +264,7 @@ def edited_output(root: Path, port: int) -> Path:
 
 @pytest.mark.slow
 def test_report_on_an_edited_output_injects_nothing_and_reads_only_its_shards(tmp_path):
-    with Server() as server:
+    with CountingServer(png_bytes(textured((40, 40), seed=3))) as server:
         out = edited_output(tmp_path, server.port)
         report = tmp_path / "report"
         proc = cli("report", str(out), "--out", str(report), timeout=180)
@@ -343,7 +303,7 @@ def test_report_loads_images_only_from_plain_shard_names_under_the_pixel_limit(t
     ("redacted", "style source URL carried credentials and was not stored"),
 ])
 def test_reproduce_on_an_edited_output_fails_that_sample_with_a_reason(tmp_path, name, expect):
-    with Server() as server:
+    with CountingServer(png_bytes(textured((40, 40), seed=3))) as server:
         out = edited_output(tmp_path, server.port)
         proc = cli("reproduce", str(out), KEYS[name], timeout=180)
         assert server.requests == []

@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +24,7 @@ from pipeline.fs import InputTooLargeError, read_range
 from pipeline.sources import SourceError, read_images, read_prompts
 from pipeline.stages import decode_batch, to_table
 from tests.hostile_corpus import textured
+from tests.http_counter import CountingServer
 from tests.test_hostile_runs import assert_one_line_error, stylegen
 from tests.test_input_safety import bounded, fifo, sock
 from tests.unit_helpers import solid_png
@@ -33,36 +32,10 @@ from tests.unit_helpers import solid_png
 HUGE = 8 * 2**30  # an "8 GB" input: a sparse file, never written
 
 
-class _Counting(BaseHTTPRequestHandler):
-    """Answers every request with a small PNG and counts it: any count above zero is a request made."""
-
-    body = solid_png((200, 10, 10), (16, 16))
-    requests: list[str] = []
-
-    def _any(self):
-        self.requests.append(f"{self.command} {self.path}")
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(self.body)
-
-    do_GET = do_HEAD = do_POST = do_PUT = _any  # noqa: N815 (http.server's names)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def http_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
-    _Counting.requests = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Counting.requests
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with CountingServer() as server:
+        yield server.url, server.requests
 
 
 def sparse(path: Path, size: int = HUGE) -> Path:
