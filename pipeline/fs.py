@@ -245,6 +245,53 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class StoreReadError(RuntimeError):
+    """A read the store failed (network, credentials, access), as opposed to bytes that arrived and do not parse:
+    the first is never evidence of damage. Not an ``OSError``, so no parser's ``except OSError`` takes it for
+    a truncated file; the store's own error is its ``__cause__``."""
+
+
+class StoreReads:
+    """A file object whose every failing call raises :class:`StoreReadError`, so that a caller parsing it
+    (pyarrow, tarfile) can tell "the store failed" from "the content is bad". Hand-written: fsspec and
+    pyarrow raise both kinds of error alike."""
+
+    _GUARDED = frozenset({"read", "readinto", "read1", "readline", "seek", "tell", "peek", "size"})
+
+    def __init__(self, f: BinaryIO, path: str):
+        self._f, self._path = f, path
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._f, name)
+        if name not in self._GUARDED:
+            return attr
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                raise StoreReadError(f"{self._path}: {exc.__class__.__name__}: {exc}") from exc
+
+        return guarded
+
+    def __enter__(self) -> StoreReads:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._f.close()
+
+
+def open_store_file(fs: fsspec.AbstractFileSystem, path: str) -> StoreReads:
+    """``fs.open(path, "rb")`` behind :class:`StoreReads`; a missing file raises ``FileNotFoundError``, any other
+    failure to open it :class:`StoreReadError`."""
+    try:
+        return StoreReads(fs.open(path, "rb"), path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise StoreReadError(f"{path}: {exc.__class__.__name__}: {exc}") from exc
+
+
 def retry_transient(fn: Callable[[], T], *, attempts: int = READ_ATTEMPTS, base_delay_s: float = READ_RETRY_BASE_S,
                     what: str = "") -> T:
     """``fn()``, tried up to ``attempts`` times while it fails with a transient error (:func:`is_transient`).

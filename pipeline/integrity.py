@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.fs import retry_transient
+from pipeline.fs import StoreReadError, open_store_file, retry_transient
 from pipeline.members import output_name_problem, shown
 from pipeline.ownership import NotOurs
-from pipeline.sink import DamagedFile, OutputStore, StoreUnavailable, _conform, _first_line, store_error
-from pipeline.tar_index import index_open_tar
+from pipeline.sink import DamagedFile, OutputStore, StoreUnavailable, _conform, store_unavailable
+from pipeline.tar_index import TarIndex, index_open_tar
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,8 @@ def _sizes(store: OutputStore, directory: str) -> dict[str, int]:
         return retry_transient(listing, what=directory) if store.remote else listing()
     except FileNotFoundError:
         return {}
-    except Exception as exc:
-        if store_error(exc):
-            raise StoreUnavailable(f"{directory}: the store did not answer a listing ({exc.__class__.__name__}: "
-                                   f"{_first_line(exc)}); nothing was changed, rerun later") from None
-        raise
+    except Exception as exc:  # a listing that fails says nothing about the files: never damage
+        raise store_unavailable(directory, exc, "a listing") from None
 
 
 def check(store: OutputStore, *, deep: bool = True) -> list[Problem]:
@@ -235,9 +232,15 @@ def _check_shard(store: OutputStore, index_path: str, table: pa.Table, shard: st
     if not deep:
         return None
     names: list[str] = []
+    def index() -> TarIndex:
+        names.clear()
+        with open_store_file(store.fs, shard) as f:
+            return index_open_tar(f, shard, names)
+
     try:
-        with store.fs.open(shard, "rb") as f:
-            tar = index_open_tar(f, shard, names)
+        tar = retry_transient(index, what=shard) if store.remote else index()
+    except StoreReadError as exc:  # the store failed the read: not evidence about the shard
+        raise store_unavailable(shard, exc) from None
     except Exception as exc:  # not a tar at all
         return Problem(shard, f"unreadable tar ({exc.__class__.__name__}: {exc})", [shard, index_path])
     broken = tar.truncated or next((s.error for s in tar.samples if s.error), None)

@@ -29,7 +29,7 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from pipeline.config import OutputConfig
-from pipeline.fs import get_fs, is_remote, is_transient, retry_transient
+from pipeline.fs import StoreReadError, get_fs, is_remote, is_transient, open_store_file, retry_transient
 from pipeline.members import check_output_member
 from pipeline.ownership import check_layout
 from pipeline.stages import ROW_SCHEMA
@@ -105,20 +105,20 @@ class OutputStore:
         return self._list(self.shards, ".tar")
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        """One parquet file. A transient store error (5xx, timeout, reset) is retried with backoff and, if it
-        persists, raised as :class:`StoreUnavailable`; any other failure is a :class:`DamagedFile` naming it."""
+        """One parquet file. A store that fails the read (5xx, timeout, reset: retried with backoff; credentials,
+        access: not) raises :class:`StoreUnavailable`; only bytes that arrived and do not parse raise
+        :class:`DamagedFile` naming it: the store's failure is never taken for damage."""
         def read() -> pa.Table:
-            with self.fs.open(path, "rb") as f:
+            with open_store_file(self.fs, path) as f:
                 return pq.read_table(f, columns=columns)
 
         try:
             return retry_transient(read, what=path) if self.remote else read()
         except FileNotFoundError:
             raise
+        except StoreReadError as exc:
+            raise store_unavailable(path, exc) from None
         except Exception as exc:  # truncated, garbled, wrong schema: the file is damaged, not the run
-            if store_error(exc):
-                raise StoreUnavailable(f"{path}: the store did not answer ({exc.__class__.__name__}: "
-                                       f"{_first_line(exc)}); nothing was changed, rerun later") from None
             raise DamagedFile(path, f"unreadable parquet ({exc.__class__.__name__}: {exc})") from None
 
     def read_index(self, columns: list[str] | None = None, *, skip_damaged: bool = False) -> pa.Table:
@@ -263,17 +263,24 @@ class WriteError(OSError):
 
 
 class StoreUnavailable(RuntimeError):
-    """The store kept failing (HTTP 5xx, timeouts, resets) while reading the output: not damage, so nothing is
-    quarantined; the run stops with this one line. Keeps its message through Ray (see :class:`WriteError`)."""
+    """The store kept failing (HTTP 5xx, timeouts, resets) or refused (credentials, access) while reading the
+    output: not damage, so nothing is quarantined; the run stops with this one line. Keeps its message through
+    Ray (see :class:`WriteError`)."""
 
     def __reduce__(self):
         return type(self), (str(self),)
 
 
-def store_error(exc: BaseException) -> bool:
-    """A network or service error of the store, never content damage: an Arrow error (bad magic, schema) is
-    damage even when its text holds a number that looks like an HTTP status."""
-    return not isinstance(exc, pa.ArrowException) and is_transient(exc)
+def store_unavailable(path: str, exc: BaseException, what: str = "a read") -> StoreUnavailable:
+    """The one line for a store that failed ``what`` of ``path``: retried and still failing (5xx, timeouts), or
+    refusing (credentials, access). Either way nothing was changed."""
+    cause = exc.__cause__ if isinstance(exc, StoreReadError) and exc.__cause__ is not None else exc
+    name, first = cause.__class__.__name__, _first_line(cause)
+    if is_transient(cause):
+        return StoreUnavailable(f"{path}: the store did not answer {what} ({name}: {first}); nothing was "
+                                f"changed, rerun later")
+    return StoreUnavailable(f"{path}: the store refused {what} ({name}: {first}); nothing was changed, fix the "
+                            f"store's access or credentials and rerun")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -182,7 +182,7 @@ def test_cli_environment_errors_exit_2_with_one_line(s3_env, tmp_path):
     for (_args, _, needles), proc in zip(cases, procs, strict=True):
         assert_one_line_error(proc, *needles)
     debug = stylegen(*base, "--set", f"output.path={tmp_path / 'a-file' / 'out'}", "--debug")
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "NotADirectoryError" in debug.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "is a file, not a folder" in debug.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -9,10 +9,12 @@ the user's files are byte-identical afterwards.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 import types
 from pathlib import Path
@@ -24,7 +26,7 @@ from PIL import Image
 from pipeline.config import OutputConfig
 from pipeline.images import encode_image
 from pipeline.ownership import MARKER, NotOurs, check_overlap, check_owned, claim
-from pipeline.sink import OutputStore, StoreUnavailable, commit_rows, write_tar
+from pipeline.sink import OutputStore, StoreUnavailable, commit_rows
 from tests.data_paths import samples_dir
 from tests.flaky_proxy import FlakyProxy
 
@@ -84,8 +86,12 @@ def filter_config(path: Path, shards: str, out: str) -> Path:
 def foreign_tar(path: Path, n: int = 2) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     png = encode_image(Image.new("RGB", (8, 8), (200, 10, 10)))
-    with open(path, "wb") as f:
-        write_tar(f, [{"__key__": f"s{i:02d}", "png": png, "txt": b"a caption"} for i in range(n)])
+    with tarfile.open(path, "w") as tar:  # someone else's tar: not stylegen's writer, which refuses such names
+        for i in range(n):
+            for ext, data in (("png", png), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"s{i:02d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return path
 
 
@@ -461,6 +467,41 @@ def test_a_persistent_503_stops_startup_and_moves_nothing(s3_output, monkeypatch
             open_output(OutputStore(out), None)
     assert "\n" not in str(err.value) and proxy.failed >= 2
     assert s3_snapshot(env["fs"], env["bucket"]) == before
+
+
+def test_missing_credentials_at_startup_move_nothing(s3_output, monkeypatch, tmp_path):
+    """A store that refuses every read (no credentials) is not damage: one line, and every file stays put."""
+    import s3fs
+
+    from pipeline.run import open_output
+
+    out, env = s3_output
+    before = s3_snapshot(env["fs"], env["bucket"])
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    missing = str(tmp_path / "no-such-aws-file")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
+    monkeypatch.setenv("AWS_CONFIG_FILE", missing)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup from a test
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(StoreUnavailable, match="refused .*nothing was changed") as err:
+        open_output(OutputStore(out), None)
+    assert "\n" not in str(err.value)
+    assert s3_snapshot(env["fs"], env["bucket"]) == before
+
+
+def test_a_store_failing_shard_reads_is_not_a_damaged_shard(s3_output, monkeypatch):
+    """The deep check reads every shard: a store that fails those reads stops it; no shard is called damaged."""
+    from pipeline.integrity import check
+
+    out, env = s3_output
+    with FlakyProxy(env["env"]["AWS_ENDPOINT_URL"], "/shards/", fail=10_000) as proxy:
+        _through(proxy, monkeypatch)
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            check(OutputStore(out), deep=True)
+    assert proxy.failed >= 2
+    _through(types.SimpleNamespace(url=env["env"]["AWS_ENDPOINT_URL"]), monkeypatch)
+    assert check(OutputStore(out), deep=True) == []  # the same output, read through a healthy store, is sound
 
 
 def test_verify_repair_through_a_failing_store_is_one_line_and_moves_nothing(s3_output):
