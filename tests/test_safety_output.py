@@ -424,6 +424,12 @@ def s3_output(s3_env, monkeypatch):
     claim(out, "run")
     commit(out, 4, 2)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: each 503 reaches stylegen
+    # These tests point this process at a per-test proxy (and take credentials away) through its environment.
+    # The session's Ray workers (ray_local, when an earlier test started it) keep the environment they were
+    # started with, so the start-up checks run in this process here, as they do when no Ray is initialised.
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     s3fs.S3FileSystem.clear_instance_cache()
     yield out, s3_env
     s3fs.S3FileSystem.clear_instance_cache()
