@@ -1,7 +1,7 @@
 """CLIP scoring stage vs. open_clip's batched ``encode_image`` on the same images, one process
 (docs/architecture.md §8 target: throughput ratio >= 0.90).
 
-The stage (``pipeline.curate.Embedder``) reads each image with a ranged read from a WebDataset tar, decodes
+The stage (``pipeline.filter.embed.Embedder``) reads each image with a ranged read from a WebDataset tar, decodes
 it under the pixel limit, records its size, preprocesses, encodes and L2-normalises. The baseline gets the
 same encoded bytes in memory and does PIL decode + open_clip preprocess + ``encode_image``. Samples carry no
 caption so both sides do the same model work; the figure with captions (adds ``encode_text``) is reported
@@ -31,8 +31,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from pipeline.curate import Embedder
-    from pipeline.tar_index import index_tar
+    from pipeline.filter.embed import Embedder
+    from pipeline.io.tar_index import index_tar
 
     torch.set_num_threads(2)
     files = sorted((samples_dir() / "content").iterdir()) + sorted((samples_dir() / "style").iterdir())

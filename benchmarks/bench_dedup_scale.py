@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import report  # noqa: E402
-from pipeline import dedup  # noqa: E402
+from pipeline.filter import dedup as dedup  # noqa: E402
 from tests.dedup_data import expected_drops, planted  # noqa: E402
 
 N = 1_000_000

@@ -47,9 +47,9 @@ def _corpus(root: Path, n: int) -> None:
 
 def child(root: str, n: int) -> None:
     """One filter run in this process: prints {seconds, rss_mib, start_mib, planned, kept}."""
-    from pipeline.config import validate_config
-    from pipeline.curate import FilterRunConfig, curate
-    from pipeline.run import init_ray
+    from pipeline.config import FilterRunConfig, validate_config
+    from pipeline.filter.run import curate
+    from pipeline.session import init_ray
 
     cfg = validate_config({
         "input": {"shards": f"{root}/corpus-{n}/part-*.tar"},

@@ -57,9 +57,9 @@ def bare_loop(cfg) -> float:
     """The same work without Ray: returns seconds for the planned samples (models loaded beforehand)."""
     from operators import build_operator
     from operators.clip_score import ClipScorer
-    from pipeline.fs import read_range
-    from pipeline.images import decode_image, encode_image, open_rgb
-    from pipeline.plan import build_plan
+    from pipeline.io.fs import read_range
+    from pipeline.io.images import decode_image, encode_image, open_rgb
+    from pipeline.plan.keys import build_plan
 
     op = build_operator(cfg.operator.model_dump())
     scorer = ClipScorer(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
@@ -97,8 +97,8 @@ def measure(operator: str) -> None:
     """One row: the pipeline and the bare loop at two sizes, alternating."""
     import ray
 
-    from pipeline.plan import build_plan
-    from pipeline.run import run
+    from pipeline.generate.run import run
+    from pipeline.plan.keys import build_plan
 
     small, large = SIZES[operator]
     root = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))

@@ -51,8 +51,8 @@ def _prefill(root: Path, n: int) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.plan import build_plan
-    from pipeline.sink import INDEX_SCHEMA
+    from pipeline.plan.keys import build_plan
+    from pipeline.schema import INDEX_SCHEMA
 
     keys = [s.key for i, s in enumerate(build_plan(_config(root, n, "out-resume"))) if i % 10]
     index = root / "out-resume" / "index"
@@ -72,8 +72,8 @@ def child(mode: str, root: str, n: int) -> None:
     out = "out-resume" if "resume" in mode else f"out-{mode}-{n}"
     cfg = _config(root_path, n, out)
     if mode.startswith("driver"):
-        from pipeline.plan import build_plan
-        from pipeline.sink import OutputStore
+        from pipeline.output.store import OutputStore
+        from pipeline.plan.keys import build_plan
 
         start_mib = reset_peak()
         t0 = time.perf_counter()
@@ -82,8 +82,9 @@ def child(mode: str, root: str, n: int) -> None:
         todo = [s for s in plan if s.key not in done]
         seconds, planned, n_todo = time.perf_counter() - t0, len(plan), len(todo)
     else:
-        from pipeline import resume
-        from pipeline.run import init_ray, plan_only
+        from pipeline.generate.run import plan_only
+        from pipeline.output import resume as resume
+        from pipeline.session import init_ray
 
         if mode == "resume-join":
             resume.BROADCAST_KEYS = 0

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import median_time, report  # noqa: E402
 from pipeline.config import OutputConfig  # noqa: E402
-from pipeline.images import encode_image  # noqa: E402
-from pipeline.sink import OutputStore, commit_rows, to_sample  # noqa: E402
+from pipeline.io.images import encode_image  # noqa: E402
+from pipeline.output.store import OutputStore, commit_rows, to_sample  # noqa: E402
 from tests.data_paths import samples_dir  # noqa: E402
 
 SAMPLES = samples_dir()

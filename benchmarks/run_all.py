@@ -26,16 +26,19 @@ ROOT = HERE.parent
 DEPENDS: dict[str, list[str]] = {
     "bench_ad_flux_step.py": ["operators/ad", "operators/attention.py", "operators/tiny_flux.py"],
     "bench_ad_step.py": ["operators/ad", "operators/attention.py"],
-    "bench_clip.py": ["operators/clip_score.py", "pipeline/curate.py", "pipeline/tar_index.py", "pipeline/images.py"],
-    "bench_dedup_scale.py": ["pipeline/dedup.py"],
-    "bench_filter_scale.py": ["pipeline/curate.py", "pipeline/curate_decide.py", "pipeline/dedup.py",
-                              "pipeline/run.py", "pipeline/resume.py", "pipeline/sink.py", "operators/clip_score.py"],
+    "bench_clip.py": ["operators/clip_score.py", "pipeline/filter/embed.py", "pipeline/io/tar_index.py",
+                      "pipeline/io/images.py"],
+    "bench_dedup_scale.py": ["pipeline/filter/dedup.py"],
+    "bench_filter_scale.py": ["pipeline/filter", "pipeline/session.py", "pipeline/output/record.py",
+                              "pipeline/output/resume.py", "pipeline/output/store.py", "pipeline/output/sink.py",
+                              "operators/clip_score.py"],
     "bench_memory.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py"],
     "bench_pipeline.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py", "operators/sissi.py"],
-    "bench_plan_scale.py": ["pipeline/plan.py", "pipeline/plan_dataset.py", "pipeline/sources.py",
-                            "pipeline/resume.py", "pipeline/run.py"],
+    "bench_plan_scale.py": ["pipeline/plan/keys.py", "pipeline/plan/dataset.py", "pipeline/io/sources.py",
+                            "pipeline/output/resume.py", "pipeline/generate/run.py", "pipeline/session.py"],
     "bench_sissi.py": ["operators/sissi.py", "operators/attention.py", "operators/tiny_flux.py"],
-    "bench_writer.py": ["pipeline/sink.py", "pipeline/fs.py", "pipeline/images.py"],
+    "bench_writer.py": ["pipeline/output/store.py", "pipeline/output/sink.py", "pipeline/io/fs.py",
+                        "pipeline/io/images.py"],
 }
 
 

@@ -118,17 +118,17 @@ def _stop_cleanly() -> None:
 def _check_sources(config: Path, cfg) -> int:
     """Planned samples of a run config (the plan) or a filter config (the samples of its input tars, counted one
     tar at a time); an unreadable source exits 2."""
-    from pipeline.ownership import check_overlap
-    from pipeline.sources import SourceError
+    from pipeline.io.sources import SourceError
+    from pipeline.output.ownership import check_overlap
 
     try:
         if getattr(cfg, "kind", "run") == "filter":
             check_overlap(cfg.output.path, [("input.shards", cfg.input.shards)])
-            from pipeline.curate import _index_tars, list_inputs
+            from pipeline.filter.inputs import index_tars, list_inputs
 
-            return sum(len(_index_tars([job])) for job in list_inputs(cfg))
-        from pipeline.plan import build_plan
-        from pipeline.run import source_specs
+            return sum(len(index_tars([job])) for job in list_inputs(cfg))
+        from pipeline.generate.run import source_specs
+        from pipeline.plan.keys import build_plan
 
         check_overlap(cfg.output.path, source_specs(cfg))
         return len(build_plan(cfg))
@@ -156,10 +156,10 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     """Shared by `run` and `filter`: logging, the output check, the writer lease, one-line errors, a clean stop
     on SIGTERM/SIGINT (exit 143/130), the summary line."""
     from pipeline.config import ConfigError
-    from pipeline.lease import LeaseHeld
-    from pipeline.ownership import check_owned
-    from pipeline.sink import StoreUnavailable
-    from pipeline.sources import SourceError, check_output
+    from pipeline.io.sources import SourceError, check_output
+    from pipeline.output.lease import LeaseHeld
+    from pipeline.output.ownership import check_owned
+    from pipeline.output.store import StoreUnavailable
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -258,7 +258,7 @@ def _retry(retry_failed: str | None, retry_reason: str | None) -> str | None:
 def run(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
         debug: DebugOpt = False, retry_failed: RetryOpt = None, retry_reason: RetryReasonOpt = None) -> None:
     """Run (or resume) a generation job."""
-    from pipeline.run import run as run_job
+    from pipeline.generate.run import run as run_job
 
     _execute(config, _load(config, set_), run_job, address, quiet, debug, _retry(retry_failed, retry_reason))
 
@@ -272,7 +272,7 @@ def plan_cmd(config: Path, set_: SetOpt = None, address: AddressArg = None,
     under the output."""
     import functools
 
-    from pipeline.run import plan_only
+    from pipeline.generate.run import plan_only
 
     _execute(config, _load(config, set_), functools.partial(plan_only, out=out), address, quiet, debug,
              writes=False)
@@ -282,7 +282,8 @@ def plan_cmd(config: Path, set_: SetOpt = None, address: AddressArg = None,
 def filter_(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
             debug: DebugOpt = False, retry_failed: RetryOpt = None, retry_reason: RetryReasonOpt = None) -> None:
     """CLIP quality filtering of existing WebDataset shards (run or resume)."""
-    from pipeline.curate import FilterRunConfig, curate
+    from pipeline.config import FilterRunConfig
+    from pipeline.filter.run import curate
 
     _execute(config, _load(config, set_, schema=FilterRunConfig), curate, address, quiet, debug,
              _retry(retry_failed, retry_reason))
@@ -296,11 +297,11 @@ def verify(
 ) -> None:
     """Check the output contract; list every problem with its file. Exit 0 when clean (after --repair: when
     nothing is left to repair), 1 otherwise."""
-    from pipeline.integrity import check
-    from pipeline.integrity import repair as quarantine
-    from pipeline.lease import Lease, LeaseHeld
-    from pipeline.ownership import NotOurs, check_owned, claim
-    from pipeline.sink import OutputStore, StoreUnavailable
+    from pipeline.output.integrity import check
+    from pipeline.output.integrity import repair as quarantine
+    from pipeline.output.lease import Lease, LeaseHeld
+    from pipeline.output.ownership import NotOurs, check_owned, claim
+    from pipeline.output.store import OutputStore, StoreUnavailable
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     store = OutputStore(output)
@@ -449,7 +450,7 @@ def report(
     samples: Annotated[int, typer.Option(help="Kept samples on the contact sheet")] = 24,
 ) -> None:
     """Write a self-contained HTML report (counts, contact sheet, score histograms, worst/best, config)."""
-    from pipeline.report import make_report
+    from pipeline.review.report import make_report
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     result = make_report(output, out, max_samples=samples)
@@ -468,8 +469,8 @@ def reproduce(
     threads: Annotated[int | None, typer.Option(help="CPU threads; default: the stylize actors' num_cpus")] = None,
 ) -> None:
     """Regenerate one sample from its recorded settings; exit 0 if identical, 1 if different, 2 if unknown."""
-    from pipeline.reproduce import NotReproducible, UnknownKey
-    from pipeline.reproduce import reproduce as regenerate
+    from pipeline.review.reproduce import NotReproducible, UnknownKey
+    from pipeline.review.reproduce import reproduce as regenerate
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = _load(config, None) if config else None

@@ -37,7 +37,7 @@ import yaml
 
 from jobs.auth import enable_token_auth
 from pipeline.config import ConfigError, RunConfig
-from pipeline.fs import is_remote
+from pipeline.io.fs import is_remote
 from pipeline.redact import REDACTED, SECRET_ENV, redact_url
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The run configuration: a strict pydantic schema of the YAML file (docs/architecture.md §4).
+"""Every configuration: strict pydantic schemas of the YAML files of ``run`` and ``filter`` (docs/architecture.md §4).
 
 Strict means an unknown key, a wrong type or an absurd number is an error that names the key and the
 file, so a typo never silently falls back to a default on a cluster that costs money by the hour.
@@ -252,7 +252,9 @@ class ScoringConfig(_ActorPool):
         return value
 
 
-class FilterConfig(_Strict):
+class ScoreThresholds(_Strict):
+    """The ``filter:`` block of a run config (``stylegen run``): CLIP and head scores a generated sample must reach."""
+
     min_content: float | None = Field(None, ge=-1, le=1)
     min_style: float | None = Field(None, ge=-1, le=1)
     # per quality head (scoring.heads): a score below min_scores[name] or above max_scores[name] is rejected
@@ -269,6 +271,16 @@ def check_score_rules(heads: dict[str, Any], f: Any) -> None:
                 raise ValueError(f"filter.{which}.{name}: no such head in scoring.heads ({known})")
 
 
+class _ScoredJob(_Strict):
+    """What a run config and a filter config share beyond their fields: ``filter.min_scores``/``max_scores`` may
+    only name the heads ``scoring.heads`` configures."""
+
+    @model_validator(mode="after")
+    def _score_rules(self):
+        check_score_rules(self.scoring.heads, self.filter)
+        return self
+
+
 class RayConfig(_Strict):
     address: str | None = None
     # Ray's own runtime_env (pip, uv, env_vars, py_executable, ...), merged into a submitted job's; see README
@@ -278,7 +290,7 @@ class RayConfig(_Strict):
     wait_for_actors_s: int = Field(600, ge=1, le=86_400)
 
 
-class RunConfig(_Strict):
+class RunConfig(_ScoredJob):
     output: OutputConfig
     content: ContentConfig
     style: StyleConfig
@@ -287,13 +299,8 @@ class RunConfig(_Strict):
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     operator: OperatorConfig = Field(default_factory=OperatorConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
-    filter: FilterConfig = Field(default_factory=FilterConfig)
+    filter: ScoreThresholds = Field(default_factory=ScoreThresholds)
     ray: RayConfig = Field(default_factory=RayConfig)
-
-    @model_validator(mode="after")
-    def _score_rules(self) -> RunConfig:
-        check_score_rules(self.scoring.heads, self.filter)
-        return self
 
     def operator_hash(self) -> str:
         """Hash of everything that changes an output image; part of every sample key."""
@@ -305,6 +312,65 @@ class RunConfig(_Strict):
             sort_keys=True,
             default=str,
         )
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+class FilterInput(_Strict):
+    shards: str
+
+
+class FilterRules(_Strict):
+    """The ``filter:`` block of a filter config (``stylegen filter``): what a sample of the corpus must pass."""
+    min_clip: float | None = Field(None, ge=-1, le=1)
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    dedup_threshold: float | None = Field(None, gt=0, le=1)
+    # clustered: k-means (faiss) then the greedy rule within each cluster (SemDeDup); greedy: the exact rule
+    # over the whole pool, O(n^2). See pipeline.filter.dedup.
+    dedup_method: Literal["clustered", "greedy"] = "clustered"
+    # byte-identical image payloads keep one sample (best CLIP score, ties by key); runs before the semantic dedup
+    dedup_exact: bool = False
+    min_side: int | None = Field(None, ge=1)
+    max_aspect: float | None = Field(None, ge=1)
+    min_caption_chars: int | None = Field(None, ge=0)
+    max_caption_chars: int | None = Field(None, ge=1)
+    # per quality head (scoring.heads), from the persisted image embeddings: outside the bounds is rejected
+    min_scores: dict[str, float] = Field(default_factory=dict)
+    max_scores: dict[str, float] = Field(default_factory=dict)
+
+
+class EmbeddingsConfig(_Strict):
+    path: str | None = None  # default OUTPUT/embeddings; point at another run's to re-filter without CLIP work
+
+
+class FilterRunConfig(_ScoredJob):
+    """A filter config (``stylegen filter``), as :class:`RunConfig` is a run config (``stylegen run``)."""
+    kind: Literal["filter"] = "filter"
+    input: FilterInput
+    output: OutputConfig
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    filter: FilterRules = Field(default_factory=FilterRules)
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)  # the protocols input.shards may use
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def embeddings_path(self) -> str:
+        return self.embeddings.path or f"{self.output.path.rstrip('/')}/embeddings"
+
+    def filter_hash(self) -> str:
+        rules = self.filter.model_dump()
+        if rules["dedup_method"] == "greedy" or rules["dedup_threshold"] is None:
+            del rules["dedup_method"]  # the rule of outputs made before the option existed: their hash stays
+        if not rules["dedup_exact"]:
+            del rules["dedup_exact"]
+        for name in ("min_scores", "max_scores"):  # outputs made before heads existed keep their hash
+            if not rules[name]:
+                del rules[name]
+        what = {"filter": rules, "input": self.input.shards,
+                "clip": [self.scoring.clip_model, self.scoring.clip_pretrained]}
+        if self.scoring.heads:
+            what["heads"] = self.scoring.heads_dump()
+        blob = json.dumps(what, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -383,8 +449,6 @@ def _parse(text: str, path: str, overrides: list[str] | None, schema: type[BaseM
 def config_schema(data: dict[str, Any]) -> type[BaseModel]:
     """The kind of a config from its keys: ``kind: filter`` or ``input`` without ``content`` is a filter config
     (``stylegen filter``), anything else a run config. ``kind: run`` is accepted and dropped."""
-    from pipeline.curate import FilterRunConfig
-
     if data.get("kind") == "run":
         del data["kind"]
         return RunConfig

@@ -8,7 +8,7 @@ import tarfile
 
 import pyarrow.parquet as pq
 
-from pipeline.sink import OutputStore
+from pipeline.output.store import OutputStore
 
 
 def read_index(output: str) -> list[dict]:

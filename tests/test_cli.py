@@ -106,7 +106,7 @@ def test_demo_runs_reads_back_and_resumes(tmp_path, ray_local):
     import webdataset as wds
 
     from pipeline.config import load_config
-    from pipeline.plan import build_plan
+    from pipeline.plan.keys import build_plan
     from tests.invariants import check_invariants
 
     out = tmp_path / "demo"
@@ -253,7 +253,7 @@ def test_retry_failed_forms_in_run(ray_local, samples, tmp_path):
     import shutil
 
     from pipeline.config import load_config
-    from pipeline.run import run
+    from pipeline.generate.run import run
 
     content, styles = tmp_path / "content", tmp_path / "styles"
     content.mkdir()
@@ -282,8 +282,8 @@ def test_retry_failed_forms_in_run(ray_local, samples, tmp_path):
 
 @pytest.mark.slow
 def test_retry_failed_forms_in_filter(ray_local, samples, tmp_path):
-    from pipeline.config import load_config
-    from pipeline.curate import FilterRunConfig, curate
+    from pipeline.config import FilterRunConfig, load_config
+    from pipeline.filter.run import curate
     from tests.unit_helpers import wds_tar
 
     images = sorted((samples / "content").iterdir())[:8]

@@ -1,5 +1,5 @@
 """operators.clip_score with the offline tiny CLIP, and the filter that consumes the scores
-(pipeline.stages.apply_filter)."""
+(pipeline.generate.stages.apply_filter)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from PIL import Image
 
 from operators.clip_score import ClipScorer, resolve_clip
 from operators.models import resolve_model
-from pipeline.config import FilterConfig
-from pipeline.stages import apply_filter
+from pipeline.config import ScoreThresholds
+from pipeline.generate.stages import apply_filter
 from tests.unit_helpers import SAMPLES
 
 
@@ -171,12 +171,12 @@ def test_resolve_clip_meaningfulness(tiny_dir, tmp_path):
     assert resolve_clip(str(local), "none") == (f"local-dir:{local}", None, True)
 
 
-# ---- pipeline.stages.apply_filter: the thresholds on these scores ------------------------------------------
+# ---- pipeline.generate.stages.apply_filter: the thresholds on these scores ------------------------------------------
 
 
 def filtered(c, s, **thresholds) -> dict:
     row = {"clip_content": c, "clip_style": s, "status": None, "reason": None}
-    apply_filter(row, FilterConfig(**thresholds))
+    apply_filter(row, ScoreThresholds(**thresholds))
     return row
 
 

@@ -37,7 +37,7 @@ def stylegen(*args: str, env: dict, timeout: float = 120) -> subprocess.Complete
 
 def _planned(args_sets: list[str]) -> set[str]:
     from pipeline.config import load_config
-    from pipeline.plan import build_plan
+    from pipeline.plan.keys import build_plan
 
     return {p.key for p in build_plan(load_config(REPO / "configs/demo.yaml", args_sets))}
 
@@ -78,7 +78,7 @@ def test_two_gpus_two_stylize_actors_on_distinct_gpu_ids(tmp_path):
     script = textwrap.dedent(f"""
         import ray
         from pipeline.config import load_config
-        from pipeline.run import run
+        from pipeline.generate.run import run
         ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
         cfg = load_config("configs/demo.yaml", ["output.path={out}", "operator.num_gpus=1",
                           "operator.actors=[2,2]", "operator.batch_size=1", "scoring.clip_model=tiny:clip"])
@@ -151,9 +151,9 @@ def test_submit_wait_filter_config_and_missing_dependency_probe(tmp_path, sample
     assert len(lines) == 1 and f"{bare}/bin/python" in lines[0] and "cannot import torch" in lines[0], lines
     assert "--ship-deps" in lines[0]
     from pipeline.config import load_config
-    from pipeline.curate import _index_tars, list_inputs
+    from pipeline.filter.inputs import index_tars, list_inputs
 
-    planned = {r["key"] for r in _index_tars(list_inputs(load_config(config, schema="auto")))}
+    planned = {r["key"] for r in index_tars(list_inputs(load_config(config, schema="auto")))}
     rows = check_invariants(str(tmp_path / "out"), planned)
     assert len(rows) == 7 and all(r["score_aesthetic"] is not None for r in rows)
     assert not (tmp_path / "out2").exists()

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.plan import build_plan
+from pipeline.plan.keys import build_plan
 from tests.invariants import check_invariants
 
 pytestmark = pytest.mark.slow

@@ -9,12 +9,12 @@ import random
 import numpy as np
 import pytest
 
-from pipeline import dedup
+from pipeline.filter import dedup as dedup
 from tests.dedup_data import expected_drops, planted
 
 
 def reference_greedy(keys, emb, scores, threshold):
-    """The rule as a plain loop over kept samples (the implementation stylegen shipped before pipeline.dedup)."""
+    """The rule as a plain loop over kept samples (the implementation stylegen shipped before pipeline.filter.dedup)."""
     order = sorted(range(len(keys)), key=lambda i: (-scores.get(keys[i], -math.inf), keys[i]))
     kept, kept_keys, dropped = [], [], {}
     for i in order:
@@ -67,8 +67,7 @@ def test_cluster_count_rule():
 
 
 def test_filter_hash_of_outputs_made_before_dedup_method_is_unchanged(tmp_path):
-    from pipeline.config import validate_config
-    from pipeline.curate import FilterRunConfig
+    from pipeline.config import FilterRunConfig, validate_config
 
     def cfg(**f):
         return validate_config({"input": {"shards": "x/*.tar"}, "output": {"path": str(tmp_path)}, "filter": f},

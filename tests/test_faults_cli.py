@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.lease import Lease
-from pipeline.plan import build_plan
+from pipeline.output.lease import Lease
+from pipeline.plan.keys import build_plan
 from tests.invariants import check_invariants
 from tests.test_crash import _group_alive, _kill_group
 from tests.test_crash import _start as start_run

@@ -120,7 +120,7 @@ def test_head_config_errors_name_the_key(overrides, needle):
 
 
 def test_filter_configs_are_told_apart_by_keys_or_kind():
-    from pipeline.curate import FilterRunConfig
+    from pipeline.config import FilterRunConfig
 
     by_keys = validate_config({"input": {"shards": "/x/*.tar"}, "output": {"path": "/o"}}, schema="auto")
     by_kind = validate_config({"kind": "filter", "input": {"shards": "/x/*.tar"}, "output": {"path": "/o"}},
@@ -130,7 +130,7 @@ def test_filter_configs_are_told_apart_by_keys_or_kind():
 
 
 def test_filter_hash_of_configs_without_heads_is_unchanged():
-    from pipeline.curate import FilterRunConfig
+    from pipeline.config import FilterRunConfig
 
     base = {"input": {"shards": "/x/*.tar"}, "output": {"path": "/o"}, "filter": {"top_fraction": 0.3}}
     cfg = FilterRunConfig.model_validate(base)
@@ -141,7 +141,7 @@ def test_filter_hash_of_configs_without_heads_is_unchanged():
 
 # ---- submitted jobs: runtime_env and the dependency probe ----------------------------------------------------
 def _filter_cfg(**ray):
-    from pipeline.curate import FilterRunConfig
+    from pipeline.config import FilterRunConfig
 
     return FilterRunConfig.model_validate({"input": {"shards": "/data/*.tar"}, "output": {"path": "/out"},
                                            "ray": ray})
@@ -173,7 +173,7 @@ def test_runtime_env_merges_the_configs_and_ships_pinned_deps():
     with pytest.raises(ConfigError, match="working_dir"):
         submit.runtime_env(_filter_cfg(runtime_env={"working_dir": "/elsewhere"}))
     with pytest.raises(ConfigError, match="input.shards"):
-        from pipeline.curate import FilterRunConfig
+        from pipeline.config import FilterRunConfig
 
         submit.check_submittable(FilterRunConfig.model_validate({"input": {"shards": "rel/*.tar"},
                                                                  "output": {"path": "/out"}}))
@@ -196,7 +196,7 @@ def test_submission_id_depends_only_on_what_the_config_sets():
     """A key left at its default (or one a later release adds with a default) keeps the job id, so a resubmission
     finds its running job instead of starting a second writer; a changed value or --ship-deps changes it."""
     from jobs import submit
-    from pipeline.curate import FilterRunConfig
+    from pipeline.config import FilterRunConfig
 
     base = {"input": {"shards": "/in/*.tar"}, "output": {"path": "/out"}}
     plain = FilterRunConfig.model_validate(base)

@@ -18,10 +18,11 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, validate_config
-from pipeline.images import DecodeError, decode_image, encode_transport, open_rgb, output_problem
-from pipeline.plan import build_plan
-from pipeline.sources import SourceError, check_output, clean_prompt, read_content, read_images, read_prompts
-from pipeline.stages import Stylizer, decode_batch, prompt_meta, to_table
+from pipeline.generate.stages import Stylizer, decode_batch, prompt_meta, to_table
+from pipeline.io.captions import clean_prompt
+from pipeline.io.images import DecodeError, decode_image, encode_transport, open_rgb, output_problem
+from pipeline.io.sources import SourceError, check_output, read_content, read_images, read_prompts
+from pipeline.plan.keys import build_plan
 from tests.hostile_corpus import (
     BOMB_SIDE,
     HOSTILE_PROMPTS,
@@ -82,7 +83,7 @@ def test_decoding_a_bomb_never_allocates_its_pixels(corpus):
     dest, _ = corpus
     code = (
         "import resource, sys\n"
-        "from pipeline.images import decode_image, DecodeError\n"
+        "from pipeline.io.images import decode_image, DecodeError\n"
         "data = open(sys.argv[1], 'rb').read()\n"
         "gif = open(sys.argv[2], 'rb').read()\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -117,7 +118,7 @@ def encode_gif_1px() -> bytes:
 
 
 def test_unexpected_decoder_exceptions_become_decode_errors(monkeypatch):
-    import pipeline.images as images
+    import pipeline.io.images as images
 
     def explode(im):
         raise KeyError("corrupt EXIF")

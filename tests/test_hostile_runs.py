@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import validate_config
-from pipeline.plan import build_plan
-from pipeline.run import run
+from pipeline.generate.run import run
+from pipeline.plan.keys import build_plan
 from tests.hostile_corpus import hostile_content, hostile_tar, textured
 from tests.invariants import check_invariants
 

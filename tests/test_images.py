@@ -1,4 +1,4 @@
-"""pipeline.images: hostile-input-safe decoding to 8-bit RGB, and deterministic encoding."""
+"""pipeline.io.images: hostile-input-safe decoding to 8-bit RGB, and deterministic encoding."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.images import DecodeError, decode_image, encode_image, to_rgb
-from pipeline.plan import pair
-from pipeline.sources import ImageRef, SourceItem, read_images
-from pipeline.stages import ROW_SCHEMA, decode_batch
+from pipeline.generate.stages import decode_batch
+from pipeline.io.images import DecodeError, decode_image, encode_image, to_rgb
+from pipeline.io.sources import ImageRef, SourceItem, read_images
+from pipeline.plan.keys import pair
+from pipeline.schema import ROW_SCHEMA
 from tests.unit_helpers import SAMPLES, bilevel_png, jpeg_bytes, png_bytes
 
 BIG = 64_000_000  # the config default for decode.max_pixels
@@ -246,7 +247,7 @@ def test_to_rgb_passes_rgb_through():
     assert to_rgb(Image.new("L", (2, 2), 7)).getpixel((1, 1)) == (7, 7, 7)
 
 
-# ---- pipeline.stages.decode_batch: decoding inside the data path ---------------------------------------------
+# ---- pipeline.generate.stages.decode_batch: decoding inside the data path -------------------------------------------
 
 
 def _plan_table(tmp_path):

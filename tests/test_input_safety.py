@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import fs as pfs
 from pipeline.config import validate_config
-from pipeline.fs import NotRegularFileError, is_transient, read_range, retry_transient, storage_options
-from pipeline.plan import build_plan
-from pipeline.sources import SourceError, read_content, read_images, read_prompts
-from pipeline.stages import decode_batch, to_table
-from pipeline.tar_index import index_tar
+from pipeline.generate.stages import decode_batch, to_table
+from pipeline.io import fs as pfs
+from pipeline.io.fs import NotRegularFileError, is_transient, read_range, retry_transient, storage_options
+from pipeline.io.sources import SourceError, read_content, read_images, read_prompts
+from pipeline.io.tar_index import index_tar
+from pipeline.plan.keys import build_plan
 from tests.unit_helpers import solid_png, wds_tar
 
 LIMIT_S = 20
@@ -350,7 +350,7 @@ def flaky_http():
 def test_read_range_succeeds_after_fewer_transient_failures_than_attempts(flaky_http, caplog):
     base, seen = flaky_http
     n = pfs.READ_ATTEMPTS - 1
-    with caplog.at_level(logging.WARNING, logger="pipeline.fs"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.fs"):
         assert bounded(lambda: read_range(f"{base}/fail{n}/x.png")) == _Flaky.body
         assert bounded(lambda: read_range(f"{base}/fail1/y.png", 10, 5)) == _Flaky.body[10:15]
     assert seen == {f"/fail{n}/x.png": n + 1, "/fail1/y.png": 2}
@@ -413,7 +413,8 @@ def test_is_transient_classification():
 
 
 def test_filter_never_lists_its_own_output_among_its_input_shards(tmp_path, caplog):
-    from pipeline.curate import FilterRunConfig, list_inputs
+    from pipeline.config import FilterRunConfig
+    from pipeline.filter.inputs import list_inputs
 
     root = tmp_path / "corpus"
     (root / "raw").mkdir(parents=True)

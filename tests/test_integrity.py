@@ -12,12 +12,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.integrity import check
-from pipeline.plan import build_plan
-from pipeline.run import run
-from pipeline.sink import OutputStore
+from pipeline.generate.run import run
+from pipeline.output.integrity import check
+from pipeline.output.store import OutputStore
+from pipeline.plan.keys import build_plan
 from tests.invariants import check_invariants, read_index
-from tests.test_pipeline_run import make_config
+from tests.test_run import make_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,8 @@ def test_retry_failed_in_filter_re_embeds_fixed_samples(ray_local, samples, tmp_
     import io
     import tarfile
 
-    from pipeline.curate import FilterRunConfig, curate
+    from pipeline.config import FilterRunConfig
+    from pipeline.filter.run import curate
 
     images = sorted((samples / "content").iterdir())[:4]
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.lease import Lease, LeaseHeld
+from pipeline.output.lease import Lease, LeaseHeld
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = re.compile(r"^(.+): being written by \S+ pid (\d+) since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 HOLD_SCRIPT = """
 import signal, sys, time
-from pipeline.lease import Lease
+from pipeline.output.lease import Lease
 if len(sys.argv) > 3:  # how SIGINT is set up: Python's default, or ignored as in a background job
     signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[3] == "ignored" else signal.default_int_handler)
 lease = Lease(sys.argv[1], ttl_s=float(sys.argv[2])).acquire()

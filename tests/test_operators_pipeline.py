@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import validate_config
-from pipeline.plan import build_plan
-from pipeline.run import run
+from pipeline.generate.run import run
+from pipeline.plan.keys import build_plan
 from tests.invariants import check_invariants
-from tests.test_pipeline_run import tar_images
+from tests.test_run import tar_images
 
 pytestmark = pytest.mark.slow
 

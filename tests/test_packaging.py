@@ -92,7 +92,7 @@ def test_wheel_metadata_states_ranges_that_hold_the_locked_set(wheel):
         meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
         meta = Parser().parsestr(zf.read(meta_name).decode())
         shipped_lock = zf.read("jobs/requirements.lock").decode()
-    assert {"operators/ad/__init__.py", "operators/ad/flux.py", "pipeline/run.py", "jobs/cli.py"} <= names
+    assert {"operators/ad/__init__.py", "operators/ad/flux.py", "pipeline/generate/run.py", "jobs/cli.py"} <= names
     assert not any(n.startswith(("tests/", "configs/", "benchmarks/", "scripts/", "data/")) for n in names)
     assert shipped_lock == (REPO / "requirements.lock").read_text()  # the link became the file's content
     assert meta["Requires-Python"] and "3.11" in meta["Requires-Python"]

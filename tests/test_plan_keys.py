@@ -9,7 +9,7 @@ import json
 import pytest
 
 from pipeline.config import validate_config
-from pipeline.plan import build_plan
+from pipeline.plan.keys import build_plan
 from tests.plan_cases import RECORDED, build_corpus, cases
 
 
@@ -33,14 +33,14 @@ def test_driver_plan_equals_the_recorded_plan(corpus, name):
 
 @pytest.mark.parametrize("name", sorted(RECORDED_PLANS))
 def test_cluster_plan_equals_the_recorded_plan(ray_local, corpus, name):
-    from pipeline.plan_dataset import collect, plan_dataset
+    from pipeline.plan.dataset import collect, plan_dataset
 
     plan = collect(plan_dataset(validate_config(cases(corpus)[name])))
     assert [[s.key, s.content_id, s.style_id, s.seed, s.prompt] for s in plan] == RECORDED_PLANS[name]
 
 
 def test_cluster_plan_carries_the_same_input_locations(ray_local, corpus):
-    from pipeline.plan_dataset import collect, plan_dataset
+    from pipeline.plan.dataset import collect, plan_dataset
 
     for name in ("tar_glob_prompts", "manifests_glob_dup_ids"):
         cfg = validate_config(cases(corpus)[name])
@@ -48,8 +48,8 @@ def test_cluster_plan_carries_the_same_input_locations(ray_local, corpus):
 
 
 def test_a_source_error_on_a_worker_reaches_the_driver_as_one_line(ray_local, corpus, tmp_path):
-    from pipeline.plan_dataset import plan_dataset
-    from pipeline.sources import SourceError
+    from pipeline.io.sources import SourceError
+    from pipeline.plan.dataset import plan_dataset
 
     bad = tmp_path / "tars"
     bad.mkdir()
@@ -63,8 +63,8 @@ def test_a_source_error_on_a_worker_reaches_the_driver_as_one_line(ray_local, co
 
 
 def test_the_style_catalogue_is_bounded_with_a_clear_error(ray_local, corpus, monkeypatch):
-    from pipeline import plan_dataset as planner
-    from pipeline.sources import SourceError
+    from pipeline.io.sources import SourceError
+    from pipeline.plan import dataset as planner
 
     monkeypatch.setattr(planner, "MAX_STYLES", 5)
     with pytest.raises(SourceError, match=r"^style.images: .* has 7 styles, more than the 5 this version can "

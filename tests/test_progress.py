@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.progress import ProgressReporter
-from pipeline.sink import OutputStore, index_rows
+from pipeline.output.progress import ProgressReporter
+from pipeline.output.store import OutputStore, index_rows
 
 
 class Clock:

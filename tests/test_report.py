@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import validate_config
-from pipeline.report import CAPTION_H, SAMPLES_PER_ROW, TILE, histogram, make_report
-from pipeline.run import run
+from pipeline.generate.run import run
+from pipeline.review.report import CAPTION_H, SAMPLES_PER_ROW, TILE, histogram, make_report
 from tests.invariants import read_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def finished(ray_local, samples, tmp_path_factory) -> Path:
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    logger = logging.getLogger("pipeline.progress")
+    logger = logging.getLogger("pipeline.output.progress")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     os.environ["STYLEGEN_PROGRESS_S"] = "0.2"

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import validate_config
-from pipeline.images import encode_image
-from pipeline.reproduce import NotReproducible, UnknownKey, compare, reproduce
-from pipeline.run import run
+from pipeline.generate.run import run
+from pipeline.io.images import encode_image
+from pipeline.review.reproduce import NotReproducible, UnknownKey, compare, reproduce
 from tests.invariants import read_index
 
 
@@ -41,7 +41,7 @@ def caplog_progress():
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    logger = logging.getLogger("pipeline.progress")
+    logger = logging.getLogger("pipeline.output.progress")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

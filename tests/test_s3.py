@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 import webdataset as wds
 
-from pipeline.sink import OutputStore, commit_rows
-from pipeline.sources import read_images, read_prompts
+from pipeline.io.sources import read_images, read_prompts
+from pipeline.output.store import OutputStore, commit_rows
 from tests.invariants import check_invariants
 
 pytestmark = pytest.mark.s3
@@ -41,7 +41,7 @@ def test_s3_sources_are_listed_and_ranged(s3_env, samples):
     assert [s.id for s in styles] == sorted(p.name for p in (samples / "style").iterdir())[:4]
     contents = read_images(f"s3://{bucket}/content/shard-{{0..1}}.tar", "content.images")
     assert len(contents) == 4 and all(c.image.size > 0 for c in contents)
-    from pipeline.fs import read_range
+    from pipeline.io.fs import read_range
 
     first = sorted((samples / "content").iterdir())[0]
     assert read_range(contents[0].image.url, contents[0].image.offset, contents[0].image.size) == first.read_bytes()
@@ -70,7 +70,7 @@ def test_run_with_s3_input_and_output(s3_env, samples, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "planned=8 kept=8 rejected=0 failed=0 skipped=0"
 
     from pipeline.config import load_config
-    from pipeline.plan import build_plan
+    from pipeline.plan.keys import build_plan
 
     cfg = load_config(REPO / "configs/demo.yaml", [a for a in args[3:-1:2]])
     check_invariants(out, {p.key for p in build_plan(cfg)})
@@ -92,7 +92,7 @@ def test_run_with_s3_input_and_output(s3_env, samples, tmp_path):
 def _rows(n: int) -> list[dict]:
     from PIL import Image
 
-    from pipeline.images import encode_image
+    from pipeline.io.images import encode_image
 
     png = encode_image(Image.new("RGB", (8, 8), (10, 20, 30)))
     return [{"key": f"{i:016x}", "status": "kept", "reason": None, "prompt": "p", "content_id": "c",
@@ -102,7 +102,7 @@ def _rows(n: int) -> list[dict]:
 
 def test_failed_index_upload_leaves_orphan_that_restart_quarantines(s3_env, monkeypatch):
     from pipeline.config import OutputConfig
-    from pipeline.run import open_output
+    from pipeline.output.integrity import open_output
 
     out = f"s3://{s3_env['bucket']}/out/crash"
     store = OutputStore(out)

@@ -1,4 +1,4 @@
-"""pipeline.sources: listing content and style items from folders, globs, tars and manifests."""
+"""pipeline.io.sources: listing content and style items from folders, globs, tars and manifests."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.fs import read_range
-from pipeline.sources import SourceError, read_content, read_images, read_prompts
+from pipeline.io.fs import read_range
+from pipeline.io.sources import SourceError, read_content, read_images, read_prompts
 from tests.unit_helpers import DEMO, SAMPLES
 
 STYLE_FILES = sorted(p for p in (SAMPLES / "style").iterdir() if p.suffix in (".jpg", ".png"))
