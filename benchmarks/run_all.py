@@ -31,10 +31,10 @@ DEPENDS: dict[str, list[str]] = {
     "bench_filter_scale.py": ["pipeline/curate.py", "pipeline/curate_decide.py", "pipeline/dedup.py",
                               "pipeline/run.py", "pipeline/resume.py", "pipeline/sink.py", "operators/clip_score.py"],
     "bench_memory.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py"],
-    "bench_pipeline.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py", "operators/sissi.py"],
+    "bench_pipeline.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py", "operators/sissi"],
     "bench_plan_scale.py": ["pipeline/plan.py", "pipeline/plan_dataset.py", "pipeline/sources.py",
                             "pipeline/resume.py", "pipeline/run.py"],
-    "bench_sissi.py": ["operators/sissi.py", "operators/attention.py", "operators/tiny_flux.py"],
+    "bench_sissi.py": ["operators/sissi", "operators/attention.py", "operators/tiny_flux.py"],
     "bench_writer.py": ["pipeline/sink.py", "pipeline/fs.py", "pipeline/images.py"],
 }
 
