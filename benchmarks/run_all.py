@@ -79,7 +79,7 @@ def _git(*args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-def _code_of(source: str | None) -> str | None:
+def code_of(source: str | None) -> str | None:
     """A Python file's syntax tree without docstrings (comments never reach it); None when it does not parse."""
     import ast
 
@@ -104,7 +104,7 @@ def _changes_code(commit: str, paths: list[str]) -> bool:
     for path in files:
         if not path.endswith(".py"):
             return True
-        before, after = (_code_of(_git("show", f"{rev}:{path}")) for rev in (f"{commit}^", commit))
+        before, after = (code_of(_git("show", f"{rev}:{path}")) for rev in (f"{commit}^", commit))
         if before is None or before != after:  # None: added, deleted or unparsable
             return True
     return False
