@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from operators import build_operator, sissi
-from operators.sissi import SissiOperator
+from operators import build_operator
+from operators.sissi import SissiOperator, kernels
 from operators.tiny_flux import save_tiny_flux_fill
 
 # max |vanilla - off| over output pixels in [0, 1]; bf16 rounds every projection, fp32 only reorders sums
@@ -75,13 +75,13 @@ def check_kernel(device: torch.device, dtype: torch.dtype) -> Row:
     """The fused kernel with LSE that attention_with_lse picks for Flux-like shapes, and its agreement."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 96, 128, generator=g).to(device, dtype) for _ in range(3))
-    kernel = sissi._pick_kernel(q)
-    expected = "_cuda_flash_lse" if device.type == "cuda" else "_cpu_flash_lse"
-    warned = set(sissi._warned_fallback)
-    out, lse = sissi.attention_with_lse(q, k, v)
-    ref, ref_lse = sissi._math_attention_lse(q.float(), k.float(), v.float(), 128**-0.5)
+    kernel = kernels.pick_kernel(q)
+    expected = "cuda_flash_lse" if device.type == "cuda" else "cpu_flash_lse"
+    warned = set(kernels.warned_fallback)
+    out, lse = kernels.attention_with_lse(q, k, v)
+    ref, ref_lse = kernels.math_attention_lse(q.float(), k.float(), v.float(), 128**-0.5)
     err = max(float((out.float() - ref).abs().max()), float((lse.float() - ref_lse).abs().max()))
-    fell_back = sissi._warned_fallback != warned
+    fell_back = kernels.warned_fallback != warned
     ok = kernel.__name__ == expected and not fell_back and err <= (0.05 if dtype == torch.bfloat16 else 1e-4)
     return Row("DSSI branch kernel", ok, f"{kernel.__name__}{' (fell back to math)' if fell_back else ''}, "
                f"max err {err:.2e}")
@@ -100,7 +100,7 @@ def check_sissi(model: str, device: torch.device, dtype: torch.dtype, args) -> l
         name = f"sissi {mode}{' compile' if extra else ''}"
         try:
             op = SissiOperator(model=model, params={**base, **extra, "dssi": {"mode": mode}}, device=str(device))
-            canvases = [op._canvas(it["style"]) for it in items]
+            canvases = [op.canvas(it["style"]) for it in items]
             prompts = [op.prompt_for(it["prompt"]) for it in items]
 
             def call(op=op, canvases=canvases, prompts=prompts):

@@ -33,10 +33,10 @@ DEPENDS: dict[str, list[str]] = {
                               "pipeline/output/resume.py", "pipeline/output/store.py", "pipeline/output/sink.py",
                               "operators/clip_score.py"],
     "bench_memory.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py"],
-    "bench_pipeline.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py", "operators/sissi.py"],
+    "bench_pipeline.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py", "operators/sissi"],
     "bench_plan_scale.py": ["pipeline/plan/keys.py", "pipeline/plan/dataset.py", "pipeline/io/sources.py",
                             "pipeline/output/resume.py", "pipeline/generate/run.py", "pipeline/session.py"],
-    "bench_sissi.py": ["operators/sissi.py", "operators/attention.py", "operators/tiny_flux.py"],
+    "bench_sissi.py": ["operators/sissi", "operators/attention.py", "operators/tiny_flux.py"],
     "bench_writer.py": ["pipeline/output/store.py", "pipeline/output/sink.py", "pipeline/io/fs.py",
                         "pipeline/io/images.py"],
 }
@@ -82,7 +82,7 @@ def _git(*args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-def _code_of(source: str | None) -> str | None:
+def code_of(source: str | None) -> str | None:
     """A Python file's syntax tree without docstrings (comments never reach it); None when it does not parse."""
     import ast
 
@@ -107,7 +107,7 @@ def _changes_code(commit: str, paths: list[str]) -> bool:
     for path in files:
         if not path.endswith(".py"):
             return True
-        before, after = (_code_of(_git("show", f"{rev}:{path}")) for rev in (f"{commit}^", commit))
+        before, after = (code_of(_git("show", f"{rev}:{path}")) for rev in (f"{commit}^", commit))
         if before is None or before != after:  # None: added, deleted or unparsable
             return True
     return False

@@ -210,7 +210,7 @@ def test_panorama_fast_mode_draws_the_noise_of_the_reference(monkeypatch):
     draws = {}
     from operators.ad import textures
 
-    real = textures._draw_step_noise
+    real = textures.draw_step_noise
     for fast in (False, True):
         calls = []
 
@@ -219,7 +219,7 @@ def test_panorama_fast_mode_draws_the_noise_of_the_reference(monkeypatch):
             _calls.append(noise.style.clone())
             return noise
 
-        monkeypatch.setattr(textures, "_draw_step_noise", counted)
+        monkeypatch.setattr(textures, "draw_step_noise", counted)
         cfg = ad.ADConfig(layers=model.default_layers(), steps=2, iters=1, fast=fast)
         window = int(model.unet.config.sample_size)
         ad.panorama(model, style, num_images=1, height=window, width=2 * window, stride=window // 2,

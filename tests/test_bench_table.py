@@ -1,6 +1,6 @@
 """The bench table calls out rows older than the code they measure, and names each row's CPU when machines mix."""
 
-from benchmarks.run_all import _code_of, code_changed, measured_cell, render
+from benchmarks.run_all import code_changed, code_of, measured_cell, render
 
 
 def test_a_row_older_than_its_code_is_called_stale():
@@ -25,6 +25,6 @@ def test_the_pipeline_bench_depends_on_committed_code():
 def test_docstrings_and_comments_are_not_code():
     """A commit that only fixes docstrings or comments (e.g. a citation) does not make a row stale."""
     code = 'def f(x):\n    """Doc."""\n    return x + 1  # one\n'
-    assert _code_of(code) == _code_of('def f(x):\n    """Other doc (docs/architecture.md §8)."""\n    return x + 1\n')
-    assert _code_of(code) != _code_of('def f(x):\n    """Doc."""\n    return x + 2\n')
-    assert _code_of(code) == _code_of('def f(x):\n    return x + 1\n')
+    assert code_of(code) == code_of('def f(x):\n    """Other doc (docs/architecture.md §8)."""\n    return x + 1\n')
+    assert code_of(code) != code_of('def f(x):\n    """Doc."""\n    return x + 2\n')
+    assert code_of(code) == code_of('def f(x):\n    return x + 1\n')

@@ -15,8 +15,10 @@ from operators.sissi import (
     dssi_attention,
     dssi_lambda,
     dssi_objective,
+    kernels,
     parse_params,
 )
+from operators.sissi.modes import lambda_for
 
 MODES = [m for m in sissi.MODES if m != "off"]
 
@@ -191,7 +193,7 @@ def test_attention_with_lse_and_math_fallback(monkeypatch):
     def broken(*_args):
         raise RuntimeError("kernel unavailable")
 
-    monkeypatch.setattr(sissi, "_cpu_flash_lse", broken)
+    monkeypatch.setattr(kernels, "cpu_flash_lse", broken)
     out2, lse2 = attention_with_lse(q, k, v)
     torch.testing.assert_close(out2, out, rtol=0, atol=1e-5)
     torch.testing.assert_close(lse2, lse, rtol=0, atol=1e-5)
@@ -282,7 +284,7 @@ def test_dynamic_norm_is_invariant_to_duplicated_tokens(which):
 
 
 def _lambda(mode, q, k, text_len, style_index, output_index):
-    """Lambda per (batch, head) from float64 branch log-sum-exps, as _dssi_rows computes it."""
+    """Lambda per (batch, head) from float64 branch log-sum-exps, as _dssi_rows (operators.sissi.dssi) computes it."""
     q, k = q.double(), k.double()
     qo = q[:, :, output_index + text_len]
     scale = q.shape[-1] ** -0.5
@@ -292,7 +294,7 @@ def _lambda(mode, q, k, text_len, style_index, output_index):
            for n, idx in (("t", torch.arange(text_len)), ("s", style), ("o", self_idx))}
     lse_all = torch.logsumexp(torch.cat(list(lse.values()), -1), -1, keepdim=True)
     a_t, a_s = (torch.exp(lse[n] - lse_all) for n in ("t", "s"))
-    return sissi._lambda_for(mode, 0.5, a_t, a_s, lse["t"], lse["s"], text_len, style.numel())
+    return lambda_for(mode, 0.5, a_t, a_s, lse["t"], lse["s"], text_len, style.numel())
 
 
 def test_dynamic_norm_lambda_follows_branch_activations():

@@ -40,7 +40,7 @@ def _op(model_dir: str, **dssi) -> SissiOperator:
 
 
 def _arrays(op: SissiOperator, items) -> np.ndarray:
-    canvases = [op._canvas(it["style"]) for it in items]
+    canvases = [op.canvas(it["style"]) for it in items]
     return op.generate([op.prompt_for(it["prompt"]) for it in items], canvases, [it["seed"] for it in items])
 
 

@@ -11,6 +11,9 @@ Two modes (docs/ad.md; fixtures in tests/data/fixtures/ad-reference):
 
 Every random draw comes from the item's ``torch.Generator`` (CPU), in the reference order: the initial latent,
 then per AD step AdaIN noise, style noise, content noise.
+
+The per-step pieces (``Request``, ``TargetFeatures``, ``draw_step_noise``, ``ad_timestep``, ``ad_refine``,
+``randn``, ``finish``) are shared with the panorama driver, :mod:`~operators.ad.textures`.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class ADRun:
 
 
 @dataclass
-class _Request:
+class Request:
     """Inputs of one AD step's target features: style latents (S) and optional content latent (1) at ``t``."""
 
     t: torch.Tensor
@@ -68,12 +71,14 @@ class _Request:
 
 
 @dataclass
-class _Targets:
+class Targets:
+    """One AD step's targets: the style K/V per layer and, with a content image, its query per layer."""
+
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # reference: raw (S,h,N,d); fast: joined (1,h,S*N,d)
     qc: list[torch.Tensor] | None
 
 
-class _TargetFeatures:
+class TargetFeatures:
     """Style K/V (and content Q) for a sequence of AD steps, consumed in order.
 
     Reference mode runs the authors' separate style and content forwards per step; fast mode runs
@@ -84,12 +89,12 @@ class _TargetFeatures:
     rounding noise whose signs Adam's first step follows).
     """
 
-    def __init__(self, model: ADModel, cfg: ADConfig, null: Cond, requests: Sequence[_Request],
+    def __init__(self, model: ADModel, cfg: ADConfig, null: Cond, requests: Sequence[Request],
                  rows: int = 1) -> None:
         self.model, self.cfg, self.null, self.requests, self.rows = model, cfg, null, list(requests), rows
-        self._cache: dict[int, _Targets] = {}
+        self._cache: dict[int, Targets] = {}
 
-    def __getitem__(self, i: int) -> _Targets:
+    def __getitem__(self, i: int) -> Targets:
         if i not in self._cache:
             self._cache.clear()
             end = min(i + (self.cfg.feature_chunk if self.cfg.fast else 1), len(self.requests))
@@ -100,20 +105,20 @@ class _TargetFeatures:
                     self._cache[i] = self._single(self.requests[i])
         return self._cache[i]
 
-    def _single(self, req: _Request) -> _Targets:
+    def _single(self, req: Request) -> Targets:
         layers = self.cfg.layer_ids
         style = self.model.features(req.style, req.t, self.null.batch(req.style.shape[0]), layers)
         qc = None
         if req.content is not None:
             qc = [f.q for f in self.model.features(req.content, req.t, self.null.batch(1), layers)]
-        return _Targets([(f.k, f.v) for f in style], qc)
+        return Targets([(f.k, f.v) for f in style], qc)
 
-    def _content_q(self, req: _Request) -> list[torch.Tensor]:
+    def _content_q(self, req: Request) -> list[torch.Tensor]:
         content = req.content.expand(self.rows, *req.content.shape[1:])
         feats = self.model.features(content, req.t, self.null.batch(self.rows), self.cfg.layer_ids, stop_early=True)
         return [f.q[:1] for f in feats]
 
-    def _batched(self, start: int, end: int) -> dict[int, _Targets]:
+    def _batched(self, start: int, end: int) -> dict[int, Targets]:
         reqs = self.requests[start:end]
         rows = [r.style for r in reqs]
         per = [x.shape[0] for x in rows]
@@ -123,7 +128,7 @@ class _TargetFeatures:
         out, offset = {}, 0
         for i, (req, n) in enumerate(zip(reqs, per, strict=True)):
             kv = [concat_style_kv(f.k[offset:offset + n], f.v[offset:offset + n]) for f in feats]
-            out[start + i] = _Targets(kv, self._content_q(req) if req.content is not None else None)
+            out[start + i] = Targets(kv, self._content_q(req) if req.content is not None else None)
             offset += n
         return out
 
@@ -133,11 +138,11 @@ def _descend(
     x: torch.Tensor,
     t: torch.Tensor,
     cond: dict[str, Any],
-    targets: _Targets,
+    targets: Targets,
     cfg: ADConfig,
     optimizer: torch.optim.Optimizer,
     run: ADRun,
-    masks: Callable[[Sequence[LayerFeatures], _Targets], list[torch.Tensor]] | None = None,
+    masks: Callable[[Sequence[LayerFeatures], Targets], list[torch.Tensor]] | None = None,
 ) -> None:
     """``cfg.iters`` Adam steps on ``x`` against one step's targets (``masks``: per-layer attention masks)."""
     for _ in range(cfg.iters):
@@ -161,13 +166,14 @@ def _descend(
         run.ad_losses.append(style.detach())
 
 
-def _finish(run: ADRun) -> ADRun:
+def finish(run: ADRun) -> ADRun:
+    """The run with its losses as Python floats (read back once, at the end, not per Adam step)."""
     run.losses = [float(v) for v in run.losses]
     run.ad_losses = [float(v) for v in run.ad_losses]
     return run
 
 
-def _randn(generator: torch.Generator, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+def randn(generator: torch.Generator, shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """Draw on the CPU generator (device-independent numbers), then move."""
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
 
@@ -191,14 +197,14 @@ def optimize(
     ``label_masks``: mask-controlled synthesis (:mod:`operators.ad.masks`).
     """
     channels = model.unet.config.in_channels
-    latents = _randn(generator, (num_images, channels, height, width), model.device)
+    latents = randn(generator, (num_images, channels, height, width), model.device)
     null = model.null_cond(height * model.vae_scale, width * model.vae_scale)
     if content is not None:
         latents = torch.cat([content.clone()] * num_images)
     scheduler = model.scheduler()
     scheduler.set_timesteps(cfg.steps)
     timesteps = list(scheduler.timesteps)
-    targets = _TargetFeatures(model, cfg, null, [_Request(t, style, content) for t in timesteps], rows=num_images)
+    targets = TargetFeatures(model, cfg, null, [Request(t, style, content) for t in timesteps], rows=num_images)
     latents = latents.detach().float().requires_grad_()
     optimizer = torch.optim.Adam([latents], lr=cfg.lr)
     cond = null.batch(num_images)
@@ -207,17 +213,17 @@ def optimize(
     if label_masks is not None:
         styles, style_hw = style.shape[0], tuple(style.shape[-2:])
 
-        def masks(feats: Sequence[LayerFeatures], step: _Targets) -> list[torch.Tensor]:
+        def masks(feats: Sequence[LayerFeatures], step: Targets) -> list[torch.Tensor]:
             per_style = 1 if not cfg.fast else styles  # fast mode's K/V are joined over the styles
             return [label_masks.layer_mask((height, width), style_hw, f.q.shape[2], k.shape[2] // per_style,
                                            styles, f.q.device) for f, (k, _) in zip(feats, step.kv, strict=True)]
     for i, t in enumerate(timesteps):
         _descend(model, latents, t, cond, targets[i], cfg, optimizer, run, masks)
     run.latents = latents.detach()
-    return _finish(run)
+    return finish(run)
 
 
-def _ad_timestep(t: torch.Tensor, scheduler) -> torch.Tensor:
+def ad_timestep(t: torch.Tensor, scheduler) -> torch.Tensor:
     """Level of x_{t-1}: ``max(t - T // N, 0)`` as the authors compute it (a tensor either way)."""
     prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     zero = torch.tensor([0], device=t.device)
@@ -225,27 +231,29 @@ def _ad_timestep(t: torch.Tensor, scheduler) -> torch.Tensor:
 
 
 @dataclass
-class _StepNoise:
+class StepNoise:
+    """The noise one AD step draws: for the AdaIN target (when on), the style latents, the content latent."""
+
     adain: torch.Tensor | None
     style: torch.Tensor
     content: torch.Tensor | None
 
 
-def _draw_step_noise(
+def draw_step_noise(
     generator: torch.Generator, style: torch.Tensor, content: torch.Tensor | None, adain_on: bool, device
-) -> _StepNoise:
+) -> StepNoise:
     # Order matters for reproducing the reference: AdaIN noise, style noise, content noise.
-    a = _randn(generator, style.shape, device) if adain_on else None
-    s = _randn(generator, style.shape, device)
-    c = _randn(generator, content.shape, device) if content is not None else None
-    return _StepNoise(a, s, c)
+    a = randn(generator, style.shape, device) if adain_on else None
+    s = randn(generator, style.shape, device)
+    c = randn(generator, content.shape, device) if content is not None else None
+    return StepNoise(a, s, c)
 
 
-def _ad_refine(
+def ad_refine(
     model: ADModel,
     x: torch.Tensor,
     t_ad: torch.Tensor,
-    targets: _Targets,
+    targets: Targets,
     adain_target: torch.Tensor | None,
     null: Cond,
     cfg: ADConfig,
@@ -287,25 +295,25 @@ def sample(
     px_h, px_w = height * model.vae_scale, width * model.vae_scale
     cond = model.prompt_cond(prompt, negative_prompt, num_images, do_cfg, px_h, px_w).batch(1)
     channels = model.unet.config.in_channels
-    latents = _randn(generator, (num_images, channels, height, width), model.device) * scheduler.init_noise_sigma
+    latents = randn(generator, (num_images, channels, height, width), model.device) * scheduler.init_noise_sigma
     if init_from_style:
         if tuple(style.shape[-2:]) != (height, width):
             raise ValueError(f"init_from_style needs the output size of the style latents ({style.shape[-1]}x"
                              f"{style.shape[-2]} latent px), got {width}x{height}")
         init = style[torch.arange(num_images) % style.shape[0]]
-        latents = scheduler.add_noise(init, _randn(generator, init.shape, model.device), torch.tensor([999]))
+        latents = scheduler.add_noise(init, randn(generator, init.shape, model.device), torch.tensor([999]))
     scheduler.set_timesteps(cfg.steps)
     timesteps = list(scheduler.timesteps)
     null = model.null_cond(px_h, px_w)
     active = [i for i, t in enumerate(timesteps) if cfg.iters > 0 and t < start_time]  # steps followed by AD
-    t_ads = {i: _ad_timestep(timesteps[i], scheduler) for i in active}
-    noises = {i: _draw_step_noise(generator, style, content, adain_on, model.device) for i in active}
+    t_ads = {i: ad_timestep(timesteps[i], scheduler) for i in active}
+    noises = {i: draw_step_noise(generator, style, content, adain_on, model.device) for i in active}
     requests = [
-        _Request(t_ads[i], scheduler.add_noise(style, noises[i].style, t_ads[i]),
-                 scheduler.add_noise(content, noises[i].content, t_ads[i]) if content is not None else None)
+        Request(t_ads[i], scheduler.add_noise(style, noises[i].style, t_ads[i]),
+                scheduler.add_noise(content, noises[i].content, t_ads[i]) if content is not None else None)
         for i in active
     ]
-    targets = _TargetFeatures(model, cfg, null, requests)
+    targets = TargetFeatures(model, cfg, null, requests)
     position = {i: k for k, i in enumerate(active)}
     run = ADRun(latents)
     for i, t in enumerate(timesteps):
@@ -319,6 +327,6 @@ def sample(
             latents = scheduler.step(eps, t, latents, return_dict=False)[0]
         if i in position:
             adain_target = scheduler.add_noise(style, noises[i].adain, t_ads[i]) if adain_on else None
-            latents = _ad_refine(model, latents, t_ads[i], targets[position[i]], adain_target, null, cfg, run)
+            latents = ad_refine(model, latents, t_ads[i], targets[position[i]], adain_target, null, cfg, run)
     run.latents = latents
-    return _finish(run)
+    return finish(run)

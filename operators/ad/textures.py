@@ -15,13 +15,13 @@ from operators.ad.model import ADModel, Cond
 from operators.ad.sd import (
     ADConfig,
     ADRun,
-    _ad_refine,
-    _ad_timestep,
-    _draw_step_noise,
-    _finish,
-    _randn,
-    _Request,
-    _TargetFeatures,
+    Request,
+    TargetFeatures,
+    ad_refine,
+    ad_timestep,
+    draw_step_noise,
+    finish,
+    randn,
 )
 
 
@@ -68,16 +68,16 @@ def panorama(
     prompt_cond = model.prompt_cond(prompt, negative_prompt, num_images, do_cfg, *win_px)
     null = model.null_cond(*win_px)
     channels = model.unet.config.in_channels
-    latents = _randn(generator, (num_images, channels, height, width), model.device) * scheduler.init_noise_sigma
+    latents = randn(generator, (num_images, channels, height, width), model.device) * scheduler.init_noise_sigma
     scheduler.set_timesteps(cfg.steps)
     timesteps = list(scheduler.timesteps)
-    t_ads = [_ad_timestep(t, scheduler) for t in timesteps]
+    t_ads = [ad_timestep(t, scheduler) for t in timesteps]
     per_step = len(batches)
-    noises = [[_draw_step_noise(generator, style, None, adain_on, model.device) for _ in range(per_step)]
+    noises = [[draw_step_noise(generator, style, None, adain_on, model.device) for _ in range(per_step)]
               for _ in timesteps]
-    requests = [_Request(ta, scheduler.add_noise(style, n.style, ta), None)
+    requests = [Request(ta, scheduler.add_noise(style, n.style, ta), None)
                 for ta, step in zip(t_ads, noises, strict=True) for n in step]
-    targets = _TargetFeatures(model, cfg, null, requests)
+    targets = TargetFeatures(model, cfg, null, requests)
     # Row r of a window batch is (view r // B, image r % B); CFG pairs [negative, positive] per row.
     if do_cfg:
         neg, pos = prompt_cond.embeds.chunk(2)
@@ -101,13 +101,13 @@ def panorama(
                 k = i * per_step + j
                 step_noise = noises[i][j]
                 adain_target = scheduler.add_noise(style, step_noise.adain, t_ads[i]) if adain_on else None
-                denoised = _ad_refine(model, denoised, t_ads[i], targets[k], adain_target, null, cfg, run)
+                denoised = ad_refine(model, denoised, t_ads[i], targets[k], adain_target, null, cfg, run)
             for crop, (h0, h1, w0, w1) in zip(denoised.chunk(len(batch)), batch, strict=True):
                 value[:, :, h0:h1, w0:w1] += crop
                 count[:, :, h0:h1, w0:w1] += 1
         latents = torch.where(count > 0, value / count, value)
     run.latents = latents
-    return _finish(run)
+    return finish(run)
 
 
 def _pair_rows(x: torch.Tensor | None) -> torch.Tensor | None:
