@@ -190,7 +190,7 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     typer.echo(summary.line())
 
 
-def _optional_values(args: list[str], bare: dict[str, str], choices: dict[str, tuple[str, ...]],
+def optional_values(args: list[str], bare: dict[str, str], choices: dict[str, tuple[str, ...]],
                      takes_value: set[str]) -> list[str]:
     """Rewrite options whose value is optional to ``--opt=value`` before click parses them, so that a bare
     ``--opt`` never takes the next option (or the config) as its value. ``bare`` maps each such option to its
@@ -229,7 +229,7 @@ class OptionalValueCommand(TyperCommand):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         takes_value = {opt for p in self.get_params(ctx) if p.param_type_name == "option"
                        and not getattr(p, "is_flag", False) and not getattr(p, "count", False) for opt in p.opts}
-        return super().parse_args(ctx, _optional_values(args, self.BARE, self.CHOICES, takes_value - set(self.BARE)))
+        return super().parse_args(ctx, optional_values(args, self.BARE, self.CHOICES, takes_value - set(self.BARE)))
 
 
 class RetryCommand(OptionalValueCommand):

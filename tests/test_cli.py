@@ -315,19 +315,19 @@ def test_retry_failed_forms_in_filter(ray_local, samples, tmp_path):
 
 
 def test_optional_value_options_never_take_the_next_option():
-    from jobs.cli import _optional_values
+    from jobs.cli import optional_values
 
     retry, ship = {"--retry-failed": ""}, {"--ship-deps": "pip"}
     choices = {"--ship-deps": ("pip", "uv")}
-    assert _optional_values(["c.yaml", "--retry-failed", "--set", "a=b"], retry, {}, {"--set"}) == \
+    assert optional_values(["c.yaml", "--retry-failed", "--set", "a=b"], retry, {}, {"--set"}) == \
         ["c.yaml", "--retry-failed=", "--set", "a=b"]
-    assert _optional_values(["--retry-failed=x", "c.yaml", "--retry-failed"], retry, {}, set()) == \
+    assert optional_values(["--retry-failed=x", "c.yaml", "--retry-failed"], retry, {}, set()) == \
         ["--retry-failed=x", "c.yaml", "--retry-failed="]
-    assert _optional_values(["--set", "--retry-failed", "c", "--", "--retry-failed"], retry, {}, {"--set"}) == \
+    assert optional_values(["--set", "--retry-failed", "c", "--", "--retry-failed"], retry, {}, {"--set"}) == \
         ["--set", "--retry-failed", "c", "--", "--retry-failed"]  # another option's value, and after --
-    assert _optional_values(["--ship-deps", "uv", "c"], ship, choices, set()) == ["--ship-deps=uv", "c"]
-    assert _optional_values(["--ship-deps", "c", "--wait"], ship, choices, set()) == ["--ship-deps=pip", "c", "--wait"]
-    assert _optional_values(["c", "--ship-deps"], ship, choices, set()) == ["c", "--ship-deps=pip"]
+    assert optional_values(["--ship-deps", "uv", "c"], ship, choices, set()) == ["--ship-deps=uv", "c"]
+    assert optional_values(["--ship-deps", "c", "--wait"], ship, choices, set()) == ["--ship-deps=pip", "c", "--wait"]
+    assert optional_values(["c", "--ship-deps"], ship, choices, set()) == ["c", "--ship-deps=pip"]
 
 
 def test_submit_ship_deps_bare_before_another_option(tmp_path):

@@ -28,7 +28,7 @@ def _sets(out: Path, samples: Path) -> list[str]:
             "operator.batch_size=1", "decode.max_side=96", "scoring.clip_model=tiny:clip", "scoring.batch_size=3"]
 
 
-def _start(sets: list[str], env: dict | None = None, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+def start_run(sets: list[str], env: dict | None = None, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     """``stylegen run configs/demo.yaml --quiet`` with ``--set`` overrides, in its own process group."""
     args = [sys.executable, "-m", "jobs.cli", "run", "configs/demo.yaml", "--quiet"]
     for s in sets:
@@ -37,7 +37,7 @@ def _start(sets: list[str], env: dict | None = None, stderr=subprocess.DEVNULL) 
                             stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
-def _group_alive(pgid: int) -> list[int]:
+def group_alive(pgid: int) -> list[int]:
     alive = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -49,13 +49,13 @@ def _group_alive(pgid: int) -> list[int]:
     return alive
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.time() + 20
-    while _group_alive(proc.pid) and time.time() < deadline:
+    while group_alive(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _group_alive(proc.pid), "processes of the killed run survived"
+    assert not group_alive(proc.pid), "processes of the killed run survived"
 
 
 def _index_count(out: Path) -> int:
@@ -71,7 +71,7 @@ def test_kill_minus_9_at_random_moments_then_resume(samples, tmp_path):
     kills = 0
     # Moment 1: during start-up; moments 2 and 3: while shards are being committed.
     for moment in range(3):
-        proc = _start(sets)
+        proc = start_run(sets)
         if moment == 0:
             time.sleep(rng.uniform(0.5, 4.0))
         else:
@@ -81,14 +81,14 @@ def test_kill_minus_9_at_random_moments_then_resume(samples, tmp_path):
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is None:
-            _kill_group(proc)
+            kill_group(proc)
             kills += 1
         for index in (out / "index").glob("*.parquet"):  # whatever landed is whole
             pq.read_table(index)
     assert kills >= 2, "the run finished before it could be killed; the test proves nothing"
     done_before = len({r for f in (out / "index").glob("*.parquet") for r in pq.read_table(f)["key"].to_pylist()})
 
-    final = _start(sets)
+    final = start_run(sets)
     stdout, _ = final.communicate(timeout=300)
     assert final.returncode == 0, stdout
     last = stdout.strip().splitlines()[-1]
@@ -102,7 +102,7 @@ def test_actor_killed_mid_batch_loses_nothing(samples, tmp_path):
     sets = _sets(out, samples)[:3] + ["pairing.styles_per_content=1", "operator.batch_size=2",
                                       "scoring.clip_model=tiny:clip", "decode.max_side=96"]
     marker = tmp_path / "actor-killed"
-    proc = _start(sets, env={"STYLEGEN_FAULT_KILL_ONCE": str(marker)})
+    proc = start_run(sets, env={"STYLEGEN_FAULT_KILL_ONCE": str(marker)})
     stdout, _ = proc.communicate(timeout=300)
     assert marker.exists(), "the fault was not injected"
     assert proc.returncode == 0

@@ -17,8 +17,7 @@ from pipeline.config import load_config
 from pipeline.output.lease import Lease
 from pipeline.plan.keys import build_plan
 from tests.invariants import check_invariants
-from tests.test_crash import _group_alive, _kill_group
-from tests.test_crash import _start as start_run
+from tests.test_crash import group_alive, kill_group, start_run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         raise
     return proc.returncode, out, err
 
@@ -153,9 +152,9 @@ def test_sigterm_stops_the_run_with_one_line_and_a_rerun_completes(samples, tmp_
     assert last == "error: stopped by SIGTERM; rerun the same command to resume", stderr[-2000:]
     assert "Traceback" not in stderr
     deadline = time.time() + 20
-    while _group_alive(proc.pid) and time.time() < deadline:
+    while group_alive(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _group_alive(proc.pid), "processes of the stopped run survived"
+    assert not group_alive(proc.pid), "processes of the stopped run survived"
     Lease(str(out), ttl_s=5).acquire().release()  # released: taking it does not raise LeaseHeld
     rc, stdout, stderr = _finish(_start(sets))
     assert rc == 0, stderr

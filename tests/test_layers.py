@@ -146,6 +146,20 @@ def test_no_module_imports_another_modules_private_name(graph):
     assert private == []
 
 
+def test_tests_and_benchmarks_use_public_names_only():
+    """A test or benchmark that imports a private name breaks silently when that name changes: they use what
+    the modules make public, as any caller would."""
+    found = []
+    for folder in ("tests", "benchmarks", "scripts"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and not node.level and \
+                        (node.module or "").split(".")[0] in (*PACKAGES, "tests", "benchmarks"):
+                    found += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_")]
+    assert found == []
+
+
 def test_imports_point_down_the_layers(graph):
     known, edges, _ = graph
     for name in known:

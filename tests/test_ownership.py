@@ -404,14 +404,14 @@ def test_s3_lease_expiry_is_judged_by_the_store_clock(s3_env, monkeypatch):
 def test_precondition_failed_is_recognised_by_code_not_text():
     from botocore.exceptions import ClientError
 
-    from pipeline.output.lease import _precondition_failed
+    from pipeline.output.lease import precondition_failed
 
     refused = ClientError({"Error": {"Code": "PreconditionFailed", "Message": "At least one of the pre-conditions"},
                            "ResponseMetadata": {"HTTPStatusCode": 412}}, "PutObject")
     wrapped = OSError(5, "whatever")
     wrapped.__cause__ = refused
-    assert _precondition_failed(refused) and _precondition_failed(wrapped)
-    assert not _precondition_failed(OSError(5, "upload of part 412 failed: PreconditionFailed in the text"))
+    assert precondition_failed(refused) and precondition_failed(wrapped)
+    assert not precondition_failed(OSError(5, "upload of part 412 failed: PreconditionFailed in the text"))
 
 
 # ---- 6. transient is not damaged --------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class Lease:
                 self._etag = self._put(self.info, IfNoneMatch="*")
                 break
             except Exception as exc:
-                if not _precondition_failed(exc):
+                if not precondition_failed(exc):
                     raise
             try:
                 current = self._s3("get_object")
@@ -206,7 +206,7 @@ class Lease:
                 self._etag = self._put(info, IfMatch=self._etag)
                 self.info = info
             except Exception as exc:
-                if _precondition_failed(exc) or isinstance(exc, FileNotFoundError) or \
+                if precondition_failed(exc) or isinstance(exc, FileNotFoundError) or \
                         time.time() - self.info["renewed"] > self.ttl_s:
                     self._lose(f"{self.url}: lost the writer lease ({exc.__class__.__name__}: {exc})")
                     return
@@ -251,7 +251,7 @@ def _store_age(response: dict[str, Any]) -> float:
     return now - modified.timestamp()
 
 
-def _precondition_failed(exc: Exception) -> bool:
+def precondition_failed(exc: Exception) -> bool:
     """A conditional write refused by the store: error code ``PreconditionFailed`` (or a conflicting
     concurrent conditional write), HTTP 412/409. s3fs turns botocore's ClientError into OSError subclasses and
     keeps it as the cause; the code is read from there, never from the message text."""
