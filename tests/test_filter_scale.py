@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.config import FilterRunConfig, validate_config
 from pipeline.filter import decide as curate_decide
 from pipeline.filter import dedup
-from pipeline.filter import run as curate_mod
+from pipeline.filter import inputs as filter_inputs
 from pipeline.filter.decide import decide, decisions_dataset
 from pipeline.filter.inputs import index_inputs, index_tars, list_inputs
 from pipeline.filter.run import curate
@@ -84,12 +84,12 @@ def driver_reads_no_samples(tmp: Path):
     def no_tars(*args, **kwargs):
         raise AssertionError("the driver indexed a tar")
 
-    pq.read_table, index_tar = guarded, curate_mod.index_tar
-    curate_mod.index_tar = no_tars
+    pq.read_table, index_tar = guarded, filter_inputs.index_tar
+    filter_inputs.index_tar = no_tars
     try:
         yield
     finally:
-        pq.read_table, curate_mod.index_tar = real, index_tar
+        pq.read_table, filter_inputs.index_tar = real, index_tar
 
 
 @pytest.mark.slow
