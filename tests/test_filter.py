@@ -32,6 +32,19 @@ def test_top_fraction_is_exact_and_breaks_ties_by_key():
     assert len(top_fraction_keys(scores, 1.0)) == 9 and len(top_fraction_keys(scores, 0.01)) == 0
 
 
+@pytest.mark.parametrize("spelling", ["", "file://", "local://"])
+def test_the_output_is_never_its_own_input_however_it_is_spelled(tmp_path, spelling):
+    """``filter`` and ``run`` skip their own output folder when listing (``sources.output_exclusion``), also when
+    the output is spelled ``file://`` or ``local://``."""
+    corpus = tmp_path / "corpus"
+    for rel in ("a.tar", "out/shards/0123456789abcdef.tar"):
+        (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / rel).write_bytes(b"")
+    cfg = validate_config({"input": {"shards": f"{corpus}/**/*.tar"}, "output": {"path": f"{spelling}{corpus}/out"}},
+                          schema=FilterRunConfig)
+    assert [url.rsplit("/", 1)[-1] for url, _ in list_inputs(cfg)] == ["a.tar"]
+
+
 def test_near_duplicates_keeps_the_best_scored_twin():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(4, 16)).astype(np.float32)
