@@ -162,31 +162,49 @@ class OperatorConfig(_ActorPool):
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        from operators import operator_names
+        """A registered name, or a plug-in path ``package.module:Factory`` (imported by :meth:`plugin_checked`)."""
+        from operators import check_name
 
-        if value not in operator_names():
-            raise ValueError(f"unknown operator {value!r}; known: {', '.join(operator_names())}")
+        check_name(value)
         return value
 
     @field_validator("params")
     @classmethod
     def _applicable(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """Unknown or inapplicable params exit 2 at validation, not on every sample once actors start."""
-        from operators import check_params
+        """Unknown or inapplicable params exit 2 at validation, not on every sample once actors start (a
+        plug-in's are checked by :meth:`plugin_checked`, which imports it)."""
+        from operators import check_params, is_plugin
 
-        if info.data.get("name") is not None:
-            check_params(info.data["name"], value, info.data.get("model"))
+        name = info.data.get("name")
+        if name is not None and not is_plugin(name):
+            check_params(name, value, info.data.get("model"))
         return value
 
     @field_validator("model")
     @classmethod
     def _loadable(cls, value: str | None, info: ValidationInfo) -> str | None:
-        """Refuse at start-up a model that can never load (``tiny:nope``, a missing directory)."""
+        """Refuse at start-up a model that can never load (``tiny:nope``, a missing directory); a plug-in's
+        model is whatever its factory takes."""
+        from operators import is_plugin
         from operators.models import OPERATOR_TINY_KINDS, check_model_spec
 
-        if value is not None:
+        if value is not None and not is_plugin(info.data.get("name")):
             check_model_spec(value, OPERATOR_TINY_KINDS.get(info.data.get("name", "")))
         return value
+
+    def plugin_checked(self, runtime_env: dict[str, Any]) -> None:
+        """Import a plug-in operator and run its optional ``check_params`` here, before any actor starts. A module
+        that does not import here is an error, unless ``runtime_env`` ships code (``py_modules``,
+        ``working_dir``): then only the actors, which get that code, can import it."""
+        from operators import UnknownOperatorError, check_params, is_plugin
+
+        if not is_plugin(self.name):
+            return
+        try:
+            check_params(self.name, self.params, self.model)
+        except UnknownOperatorError:
+            if not (runtime_env.get("py_modules") or runtime_env.get("working_dir")):
+                raise
 
 
 HEAD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")  # it becomes the index column ``score_<name>``
@@ -301,6 +319,14 @@ class RunConfig(_ScoredJob):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     filter: ScoreThresholds = Field(default_factory=ScoreThresholds)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _plugin_operator(self, info: ValidationInfo) -> RunConfig:
+        """A plug-in operator is imported only from a config the user gave: a config read back from an output
+        (``run.json``, validated with ``context={"untrusted": True}``) never makes stylegen import code."""
+        if not (info.context or {}).get("untrusted"):
+            self.operator.plugin_checked(self.ray.runtime_env)
+        return self
 
     def operator_hash(self) -> str:
         """Hash of everything that changes an output image; part of every sample key."""
@@ -457,12 +483,15 @@ def config_schema(data: dict[str, Any]) -> type[BaseModel]:
     return RunConfig
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>", schema: type[BaseModel] | str | None = None):
-    """Validate ``data`` against ``schema`` (default RunConfig; ``"auto"``: by :func:`config_schema`)."""
+def validate_config(data: dict[str, Any], source: str = "<config>", schema: type[BaseModel] | str | None = None,
+                    *, untrusted: bool = False):
+    """Validate ``data`` against ``schema`` (default RunConfig; ``"auto"``: by :func:`config_schema`).
+    ``untrusted``: the config was read from an output (``run.json``), so a plug-in operator it names is not
+    imported."""
     if schema == "auto":
         schema = config_schema(data)
     try:
-        return (schema or RunConfig).model_validate(data)
+        return (schema or RunConfig).model_validate(data, context={"untrusted": untrusted})
     except ValidationError as exc:
         errors = exc.errors()
         first = _format_error(errors[0])

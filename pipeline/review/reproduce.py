@@ -169,7 +169,13 @@ def load_run_config(store: OutputStore, config=None):
     record = store.read_json("run.json")
     if not record or "config" not in record:
         raise NotReproducible(f"no run.json in {store.url} (partial run?): pass the run's config with --config")
-    return validate_config(record["config"], source=f"{store.url}/run.json")
+    from operators import is_plugin
+
+    name = (record["config"].get("operator") or {}).get("name") if isinstance(record["config"], dict) else None
+    if is_plugin(name):
+        raise NotReproducible(f"{store.url}/run.json names the plug-in operator {name!r}; stylegen never imports "
+                              "code that an output names: pass the run's config with --config")
+    return validate_config(record["config"], source=f"{store.url}/run.json", untrusted=True)
 
 
 def _generate(cfg, item: dict[str, Any], device: str, threads: int | None) -> dict[str, Any]:

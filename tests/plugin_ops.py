@@ -1,0 +1,55 @@
+"""Plug-in operators for tests and benchmarks (``operator.name: "tests.plugin_ops:<Factory>"``): each follows the
+operator contract of ``operators/__init__.py`` exactly as a user's own would, from outside the registry."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+class Tint:
+    """The style's mean colour blended over the content (or a flat canvas for a prompt alone): cheap and
+    deterministic, with an optional ``check_params`` and ``meta``."""
+
+    name = "tint"
+
+    def __init__(self, model: str | None = None, params: dict[str, Any] | None = None, device: str = "cpu"):
+        self.check_params(params)
+        self.amount = float((params or {}).get("amount", 0.5))
+        self.size = int((params or {}).get("size", 64))
+
+    @staticmethod
+    def check_params(params: dict[str, Any] | None) -> None:
+        unknown = sorted(set(params or {}) - {"amount", "size"})
+        if unknown:
+            raise ValueError(f"tint: unknown param {unknown[0]!r}; known: amount, size")
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for item in items:
+            mean = np.asarray(item["style"], dtype=np.float32).reshape(-1, 3).mean(0)
+            base = item["content"] or Image.new("RGB", (self.size, self.size), (128, 128, 128))
+            pixels = np.asarray(base.convert("RGB"), dtype=np.float32)
+            mixed = (1 - self.amount) * pixels + self.amount * mean
+            out.append({"key": item["key"], "image": Image.fromarray(mixed.round().astype(np.uint8), "RGB"),
+                        "meta": {"operator": self.name, "amount": self.amount}})
+        return out
+
+
+class Hold:
+    """Stands in for a GPU model: holds each batch for ``params.seconds`` without using the CPU (a sleep, as a
+    process waiting on its device does), then returns the style image resized to ``params.size``."""
+
+    name = "hold"
+
+    def __init__(self, model: str | None = None, params: dict[str, Any] | None = None, device: str = "cpu"):
+        self.seconds = float((params or {}).get("seconds", 1.0))
+        self.size = int((params or {}).get("size", 64))
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        time.sleep(self.seconds)
+        return [{"key": item["key"], "image": item["style"].convert("RGB").resize((self.size, self.size)),
+                 "meta": {"operator": self.name}} for item in items]

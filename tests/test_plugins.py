@@ -1,0 +1,103 @@
+"""Operators by import path (``operator.name: "package.module:Factory"``): validated and imported only from a
+config the user gave, built on the actors like a registered operator, and never imported from an output's
+``run.json``."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ConfigError, validate_config
+from pipeline.generate.run import run
+from pipeline.plan.keys import build_plan
+from tests.invariants import check_invariants
+from tests.test_run import tar_images
+
+TINT = "tests.plugin_ops:Tint"
+
+
+def _config(samples, out, name=TINT, **operator):
+    return {
+        "output": {"path": str(out), "samples_per_shard": 2},
+        "content": {"images": str(samples / "content"), "prompts": str(samples / "prompts.txt")},
+        "style": {"images": str(samples / "style")},
+        "pairing": {"limit": 4, "seed": 3},
+        "decode": {"max_side": 64},
+        "operator": {"name": name, "batch_size": 2, **operator},
+        "scoring": {"clip_model": "tiny:clip"},
+    }
+
+
+@pytest.mark.parametrize("name, message", [
+    ("tests.no_such_module:Op", "cannot import 'tests.no_such_module'"),
+    ("tests.plugin_ops:Nope", "has no 'Nope'"),
+    ("tests.plugin_ops:np", "is not callable"),
+    ("tests/plugin_ops.py:Tint", "unknown operator"),
+    ("os.path", "unknown operator"),
+])
+def test_plugin_path_refused_with_one_line(samples, tmp_path, name, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(_config(samples, tmp_path / "out", name))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_plugin_check_params_runs_at_validation(samples, tmp_path):
+    with pytest.raises(ConfigError, match="tint: unknown param 'colour'"):
+        validate_config(_config(samples, tmp_path / "out", params={"colour": 1}))
+    cfg = validate_config(_config(samples, tmp_path / "out", params={"amount": 0.25}))
+    assert cfg.operator.params == {"amount": 0.25}
+
+
+def test_plugin_shipped_by_runtime_env_is_imported_on_the_actors_only(samples, tmp_path):
+    """A module shipped with ``ray.runtime_env`` (py_modules) need not import on the driver."""
+    data = _config(samples, tmp_path / "out", "my_ops.styles:Paint")
+    with pytest.raises(ConfigError, match="cannot import 'my_ops.styles'"):
+        validate_config(data)
+    data["ray"] = {"runtime_env": {"py_modules": [str(tmp_path / "my_ops")]}}
+    assert validate_config(data).operator.name == "my_ops.styles:Paint"
+
+
+def test_plugin_runs_through_the_pipeline_and_its_name_keys_the_samples(ray_local, samples, tmp_path):
+    cfg = validate_config(_config(samples, tmp_path / "out", params={"amount": 0.5}))
+    builtin = validate_config(_config(samples, tmp_path / "other", "color-transfer"))
+    plan = build_plan(cfg)
+    assert {p.key for p in plan}.isdisjoint({p.key for p in build_plan(builtin)})  # the operator is in the key
+    summary = run(cfg, quiet=True)
+    assert (summary.kept, summary.failed) == (4, 0), summary
+    rows = check_invariants(str(tmp_path / "out"), {p.key for p in plan})
+    assert all(json.loads(r["meta"])["operator"] == "tint" for r in rows)
+    for key, data in tar_images(tmp_path / "out").items():  # the plug-in's pixels, not a built-in's
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert image.shape[2] == 3 and image.std() > 0, key
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["config"]["operator"]["name"] == TINT
+    assert run(cfg, quiet=True).skipped == 4  # resumable like any operator
+
+
+def test_run_json_naming_a_plugin_is_never_imported(samples, tmp_path, monkeypatch):
+    """``reproduce`` and ``report`` read a config back from an output, which anyone may have edited: a plug-in it
+    names is not imported (the user passes their own config to reproduce one)."""
+    import sys
+
+    from pipeline.output.store import OutputStore
+    from pipeline.review.reproduce import NotReproducible, load_run_config
+
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "evil_ops.py").write_text("import pathlib\npathlib.Path(__file__).with_name('RAN').touch()\n"
+                                         "class Op:\n    pass\n")
+    monkeypatch.syspath_prepend(str(planted))
+    data = _config(samples, out, "evil_ops:Op")
+    (out / "run.json").write_text(json.dumps({"config": data}))
+    with pytest.raises(NotReproducible, match="never imports code that an output names"):
+        load_run_config(OutputStore(str(out)))
+    assert validate_config(data, untrusted=True).operator.name == "evil_ops:Op"
+    assert not (planted / "RAN").exists() and "evil_ops" not in sys.modules
+    validate_config(data)  # the same config given by the user is imported: the module ran
+    assert (planted / "RAN").exists()
