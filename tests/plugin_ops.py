@@ -53,3 +53,26 @@ class Hold:
         time.sleep(self.seconds)
         return [{"key": item["key"], "image": item["style"].convert("RGB").resize((self.size, self.size)),
                  "meta": {"operator": self.name}} for item in items]
+
+
+def readme_plugin(folder, output: str, samples) -> dict:
+    """Write the README's "Your own operator" example as the package ``my_ops`` under ``folder`` and return its
+    config (the README's YAML, with ``py_modules`` made absolute), so tests run exactly what users copy."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Your own operator"):readme.index("## Benchmarks")]
+    package = Path(folder) / "my_ops"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "styles.py").write_text(re.findall(r"```python\n(.*?)```", section, re.S)[0])
+    config = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", section, re.S)[0])
+    assert config["ray"]["runtime_env"]["py_modules"] == ["./my_ops"], config
+    config["ray"]["runtime_env"]["py_modules"] = [str(package)]
+    return {**config, "output": {"path": output, "samples_per_shard": 2},
+            "content": {"images": str(samples / "content"), "prompts": str(samples / "prompts.txt")},
+            "style": {"images": str(samples / "style")}, "pairing": {"limit": 6, "seed": 5},
+            "decode": {"max_side": 64}, "scoring": {"clip_model": "tiny:clip"}}

@@ -193,3 +193,25 @@ def test_jobs_commands_with_only_the_token_file_and_one_line_auth_errors(tmp_pat
             assert lines[0].startswith(f"error: Ray at {address}: ") and needle in lines[0], lines[0]
     debug = stylegen("status", job_id, "--address", address, "--debug", env=wrong)
     assert debug.returncode != 0 and "AuthenticationError" in debug.stderr and "Traceback" in debug.stderr
+
+
+def test_submit_plugin_operator_shipped_with_py_modules(tmp_path, samples, cpu_cluster):
+    """The README's plug-in example submitted to the two-node cluster: its package travels with
+    ``ray.runtime_env.py_modules`` (it is not in this project), and the output holds every planned key once."""
+    import yaml
+
+    from pipeline.config import validate_config
+    from pipeline.plan.keys import build_plan
+    from tests.plugin_ops import readme_plugin
+
+    data = readme_plugin(tmp_path / "user", str(tmp_path / "out"), samples)
+    config = tmp_path / "plugin.yaml"
+    config.write_text(yaml.safe_dump(data))
+    cluster = cpu_cluster
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", str(config), "--address",
+                           cluster["dashboard"], "--wait"], cwd=REPO, env=token_only(cluster), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "planned=6 kept=6 rejected=0 failed=0 skipped=0" in proc.stdout, proc.stdout[-3000:]
+    rows = check_invariants(str(tmp_path / "out"), {p.key for p in build_plan(validate_config(data))})
+    assert {json.loads(r["meta"])["operator"] for r in rows} == {"posterize"}

@@ -101,3 +101,29 @@ def test_run_json_naming_a_plugin_is_never_imported(samples, tmp_path, monkeypat
     assert not (planted / "RAN").exists() and "evil_ops" not in sys.modules
     validate_config(data)  # the same config given by the user is imported: the module ran
     assert (planted / "RAN").exists()
+
+
+def test_readme_plugin_example_runs_from_the_users_folder(samples, tmp_path):
+    """The README's example, copied into a user's folder and run with ``stylegen run`` from there (embedded Ray):
+    every sample kept, posterized (few distinct levels per channel), ``meta`` from the plug-in."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tests.plugin_ops import readme_plugin
+
+    repo = Path(__file__).resolve().parents[1]
+    data = readme_plugin(tmp_path, str(tmp_path / "out"), samples)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(data))
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "cfg.yaml", "--quiet"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "planned=6 kept=6 rejected=0 failed=0 skipped=0" in proc.stdout, proc.stdout
+    rows = check_invariants(str(tmp_path / "out"), {p.key for p in build_plan(validate_config(data))})
+    assert {json.loads(r["meta"])["operator"] for r in rows} == {"posterize"}
+    for key, blob in tar_images(tmp_path / "out").items():
+        levels = np.unique(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))[..., 0])
+        assert len(levels) <= 8, (key, levels)  # 3 bits
