@@ -189,6 +189,7 @@ class Stylizer:
             start += size
 
     def _call(self, rows: list[dict[str, Any]]) -> None:
+        oom = None
         try:
             results = self.op(self._items(rows))
             if not isinstance(results, list) or len(results) != len(rows):
@@ -200,15 +201,17 @@ class Stylizer:
                 log.error("the device is unusable (%s); exiting so that Ray retries on a fresh process", poisoned)
                 raise DeviceUnusable(poisoned) from None
             if out_of_memory(exc):
-                self._shrink(rows, exc)
-                return
-            if len(rows) == 1:
+                oom = f"{exc.__class__.__name__}: {str(exc).strip()[:300]}"
+            elif len(rows) == 1:
                 self._failed(rows[0], f"operator error: {exc.__class__.__name__}: {exc}")
                 return
-            # one bad sample must not fail its batch-mates: retry one by one
-            log.warning("operator failed on a batch of %d (%s); retrying per sample", len(rows), exc)
-            for row in rows:
-                self._call([row])
+            else:  # one bad sample must not fail its batch-mates: retry one by one
+                log.warning("operator failed on a batch of %d (%s); retrying per sample", len(rows), exc)
+                for row in rows:
+                    self._call([row])
+                return
+        if oom is not None:  # out of the except block: the failed call's frames and their tensors are released
+            self._shrink(rows, oom)
             return
         if self.max_items is not None and self._announced != self.max_items:
             self._announced = self.max_items
@@ -221,12 +224,11 @@ class Stylizer:
                 _fail(row, f"operator output unusable: {exc.__class__.__name__}: {exc}")
             self.breaker.record(row["reason"] if row.get("status") == FAILED else None)
 
-    def _shrink(self, rows: list[dict[str, Any]], exc: Exception) -> None:
+    def _shrink(self, rows: list[dict[str, Any]], error: str) -> None:
         """Out of memory: free the cache, remember that ``len(rows)`` is too many, and try the halves."""
         free_device_memory()
         if len(rows) == 1:
-            self._failed(rows[0], f"out of GPU memory even alone at batch size 1 ({exc.__class__.__name__}: "
-                                  f"{str(exc).strip()[:300]})")
+            self._failed(rows[0], f"out of GPU memory even alone at batch size 1 ({error})")
             return
         half = (len(rows) + 1) // 2
         self.max_items = min(self.max_items or half, half)
