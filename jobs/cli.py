@@ -156,6 +156,7 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     """Shared by `run` and `filter`: logging, the output check, the writer lease, one-line errors, a clean stop
     on SIGTERM/SIGINT (exit 143/130), the summary line."""
     from pipeline.config import ConfigError
+    from pipeline.generate.failures import RunStopped
     from pipeline.io.sources import SourceError, check_output
     from pipeline.output.lease import LeaseHeld
     from pipeline.output.ownership import check_owned
@@ -181,6 +182,11 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
         _fail(str(exc))
     except StoreUnavailable as exc:
         _fail(str(exc), code=1)
+    except RunStopped as exc:  # a failure storm or a device that kept dying: the cause, and how to resume
+        if debug:
+            raise
+        again = f"stylegen run {config}" + (" --retry-failed" if exc.retry_failed else "")
+        _fail(f"{exc}; fix it, then resume with `{again}`", code=1)
     except Stopped as exc:
         _stopped(exc.signum)
     except Exception as exc:

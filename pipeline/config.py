@@ -153,11 +153,33 @@ class _ActorPool(_Strict):
     _check_actors = field_validator("actors", mode="before")(_actors)
 
 
+class FailuresConfig(_Strict):
+    """``operator.failures``: the circuit breaker of each stylize actor. When at least ``min_failures`` of its last
+    ``window`` samples failed in the operator with one reason, and they are at least ``ratio`` of that window,
+    the run stops with one line naming the reason instead of writing a failed row per sample (broken weights
+    cost GPU hours, not samples). Samples whose input did not decode do not count; rows already written stay."""
+
+    enabled: bool = True
+    min_failures: int = Field(50, ge=1, le=1_000_000)
+    window: int = Field(200, ge=1, le=1_000_000)
+    ratio: float = Field(0.9, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> FailuresConfig:
+        if self.min_failures > self.window:
+            raise ValueError(f"min_failures ({self.min_failures}) cannot exceed window ({self.window})")
+        return self
+
+
 class OperatorConfig(_ActorPool):
     name: str = "color-transfer"
     model: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(1, ge=1, le=4096)
+    # How many times Ray may replace one stylize actor's process (a poisoned CUDA device, a crash, a lost node)
+    # over the run before the run stops; -1: no bound (Ray Data's own default).
+    max_restarts: int = Field(3, ge=-1, le=100_000)
+    failures: FailuresConfig = Field(default_factory=FailuresConfig)
 
     @field_validator("name")
     @classmethod

@@ -55,6 +55,66 @@ class Hold:
                  "meta": {"operator": self.name}} for item in items]
 
 
+def _styled(items: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The style image, with how many items the call that made it had (``meta.call_items``)."""
+    return [{"key": item["key"], "image": item["style"].convert("RGB").resize((32, 32)),
+             "meta": {"operator": name, "call_items": len(items)}} for item in items]
+
+
+class OomAbove:
+    """Out of GPU memory (``torch.cuda.OutOfMemoryError``) for a call of more than ``params.max_items`` items;
+    ``calls`` records the size of every call."""
+
+    name = "oom-above"
+
+    def __init__(self, model: str | None = None, params: dict[str, Any] | None = None, device: str = "cpu"):
+        self.max_items = int((params or {}).get("max_items", 2))
+        self.calls: list[int] = []
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import torch
+
+        self.calls.append(len(items))
+        if len(items) > self.max_items:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(items)} GiB")
+        return _styled(items, self.name)
+
+
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
+PROCESS_CALLS = 0  # calls made in this process: a fresh process (a restarted actor) starts again at 0
+
+
+class PoisonAfterFirst:
+    """A device poisoned by its first call: every later call in the same process fails with CUDA's
+    illegal-memory-access error (``params.from_call``: the first call that fails, default 2; 1: every call)."""
+
+    name = "poison-after-first"
+
+    def __init__(self, model: str | None = None, params: dict[str, Any] | None = None, device: str = "cpu"):
+        self.from_call = int((params or {}).get("from_call", 2))
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        global PROCESS_CALLS
+        PROCESS_CALLS += 1
+        if PROCESS_CALLS >= self.from_call:
+            raise RuntimeError(f"{ILLEGAL_ACCESS}\nCUDA kernel errors might be asynchronously reported at some "
+                               "other API call, so the stacktrace below might be incorrect.")
+        return _styled(items, self.name)
+
+
+class FailAll:
+    """Every sample fails with one reason (``params.reason``, default "weights file corrupt")."""
+
+    name = "fail-all"
+
+    def __init__(self, model: str | None = None, params: dict[str, Any] | None = None, device: str = "cpu"):
+        self.reason = str((params or {}).get("reason", "weights file corrupt"))
+        self.calls = 0
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.calls += 1
+        raise RuntimeError(self.reason)
+
 def readme_plugin(folder, output: str, samples) -> dict:
     """Write the README's "Your own operator" example as the package ``my_ops`` under ``folder`` and return its
     config (the README's YAML, with ``py_modules`` made absolute), so tests run exactly what users copy."""

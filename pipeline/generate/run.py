@@ -10,9 +10,11 @@ import functools
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 from pipeline.config import RunConfig
+from pipeline.generate.failures import stop_reason
 from pipeline.output.card import write_card
 from pipeline.output.integrity import open_output
 from pipeline.output.lease import Lease
@@ -47,7 +49,8 @@ def cpu_threads_warning(config: RunConfig, cores: int | None) -> str | None:
 
 
 def execute(config: RunConfig, todo, quiet: bool = False) -> None:
-    """Stream the ``todo`` dataset through decode -> stylize -> score/filter -> sink on the current Ray cluster."""
+    """Stream the ``todo`` dataset through decode -> stylize -> score/filter -> sink on the current Ray cluster; a
+    failure storm or a device that kept dying raises :class:`~pipeline.generate.failures.RunStopped`."""
     from ray.data import ActorPoolStrategy
 
     from pipeline.generate.stages import Scorer, Stylizer, decode_batch
@@ -59,15 +62,23 @@ def execute(config: RunConfig, todo, quiet: bool = False) -> None:
     # batch_size=None: decode block by block, keeping one block per operator batch.
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"decode": config.decode.model_dump()})
-    ds = ds.map_batches(
-        Stylizer,
-        batch_format="pyarrow",
-        batch_size=op.batch_size,
-        compute=ActorPoolStrategy(min_size=op.actors[0], max_size=op.actors[1]),
-        fn_constructor_kwargs={"operator": op.model_dump(), "output": config.output.model_dump()},
-        num_cpus=op.num_cpus,
-        **gpu_args(op.num_gpus),
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60's map_batches has no named parameter for max_restarts: it goes in ray_remote_args, which warns
+        # "deprecated, removed in Ray 2.64" (revisit with that upgrade); the warning would only be noise on stderr.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        ds = ds.map_batches(
+            Stylizer,
+            batch_format="pyarrow",
+            batch_size=op.batch_size,
+            compute=ActorPoolStrategy(min_size=op.actors[0], max_size=op.actors[1]),
+            fn_constructor_kwargs={"operator": op.model_dump(), "output": config.output.model_dump()},
+            num_cpus=op.num_cpus,
+            # Ray Data restarts a dead actor up to max_restarts times (its default: forever) and retries the actor's
+            # tasks on the new process (max_task_retries -1 while restarts remain): a poisoned device exits its
+            # process, so this bounds how often a device that keeps dying is replaced.
+            max_restarts=op.max_restarts,
+            **gpu_args(op.num_gpus),
+        )
     ds = ds.map_batches(
         Scorer,
         batch_format="pyarrow",
@@ -78,7 +89,13 @@ def execute(config: RunConfig, todo, quiet: bool = False) -> None:
         num_cpus=sc.num_cpus,
         **gpu_args(sc.num_gpus),
     )
-    ds.write_datasink(ShardDatasink(config.output.model_dump()))
+    try:
+        ds.write_datasink(ShardDatasink(config.output.model_dump()))
+    except Exception as exc:
+        stopped = stop_reason(exc, op.max_restarts)
+        if stopped is None:
+            raise
+        raise stopped from None
 
 
 def source_specs(config: RunConfig) -> list[tuple[str, str | None]]:

@@ -18,6 +18,13 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import DecodeConfig, OutputConfig, ScoreThresholds
+from pipeline.generate.failures import (
+    DeviceUnusable,
+    FailureBreaker,
+    device_unusable,
+    free_device_memory,
+    out_of_memory,
+)
 from pipeline.io.fs import RefusedInputError, read_range
 from pipeline.io.images import (
     DecodeError,
@@ -133,7 +140,12 @@ def pick_device(num_gpus: float) -> str:
 
 
 class Stylizer:
-    """Actor: loads the operator once, stylizes batches, isolates per-sample failures."""
+    """Actor: loads the operator once, stylizes batches, isolates per-sample failures.
+
+    Out of GPU memory, a batch is split in halves until its parts fit, and no call gets more than the largest size
+    that fit from then on (``max_items``). An error that poisons the device makes the process exit
+    (:class:`~pipeline.generate.failures.DeviceUnusable`) so that Ray retries the batch on a fresh one. A storm of
+    one failure stops the run (:class:`~pipeline.generate.failures.FailureBreaker`)."""
 
     def __init__(self, operator: dict[str, Any], output: dict[str, Any]):
         from operators import build_operator
@@ -142,6 +154,9 @@ class Stylizer:
         self.op = build_operator(operator, device=self.device)
         self.output = OutputConfig.model_validate(output)
         self.worker = _worker_info(self.device)
+        self.breaker = FailureBreaker(operator.get("failures"))
+        self.max_items: int | None = None  # after an out-of-memory error: the most items one call may get
+        self._announced: int | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = to_rows(batch)
@@ -166,24 +181,62 @@ class Stylizer:
         ]
 
     def _stylize(self, rows: list[dict[str, Any]]) -> None:
+        """Stylize ``rows`` in calls of at most ``max_items``."""
+        start = 0
+        while start < len(rows):
+            size = self.max_items or len(rows)  # an out-of-memory error in one call lowers it for the next
+            self._call(rows[start:start + size])
+            start += size
+
+    def _call(self, rows: list[dict[str, Any]]) -> None:
+        oom = None
         try:
             results = self.op(self._items(rows))
             if not isinstance(results, list) or len(results) != len(rows):
                 got = len(results) if isinstance(results, list) else type(results).__name__
                 raise ValueError(f"operator returned {got} results for {len(rows)} items")
-        except Exception as exc:  # one bad sample must not fail its batch-mates: retry one by one
-            if len(rows) == 1:
-                _fail(rows[0], f"operator error: {exc.__class__.__name__}: {exc}")
+        except Exception as exc:
+            poisoned = device_unusable(exc)
+            if poisoned:  # every later call on this process would fail too: no sample is failed for it
+                log.error("the device is unusable (%s); exiting so that Ray retries on a fresh process", poisoned)
+                raise DeviceUnusable(poisoned) from None
+            if out_of_memory(exc):
+                oom = f"{exc.__class__.__name__}: {str(exc).strip()[:300]}"
+            elif len(rows) == 1:
+                self._failed(rows[0], f"operator error: {exc.__class__.__name__}: {exc}")
                 return
-            log.warning("operator failed on a batch of %d (%s); retrying per sample", len(rows), exc)
-            for row in rows:
-                self._stylize([row])
+            else:  # one bad sample must not fail its batch-mates: retry one by one
+                log.warning("operator failed on a batch of %d (%s); retrying per sample", len(rows), exc)
+                for row in rows:
+                    self._call([row])
+                return
+        if oom is not None:  # out of the except block: the failed call's frames and their tensors are released
+            self._shrink(rows, oom)
             return
+        if self.max_items is not None and self._announced != self.max_items:
+            self._announced = self.max_items
+            log.warning("out of GPU memory at larger batches: sending at most %d items per operator call from now "
+                        "on", self.max_items)
         for row, result in zip(rows, results, strict=True):
             try:
                 self._accept(row, result)
             except Exception as exc:  # an output we cannot encode fails its sample only
                 _fail(row, f"operator output unusable: {exc.__class__.__name__}: {exc}")
+            self.breaker.record(row["reason"] if row.get("status") == FAILED else None)
+
+    def _shrink(self, rows: list[dict[str, Any]], error: str) -> None:
+        """Out of memory: free the cache, remember that ``len(rows)`` is too many, and try the halves."""
+        free_device_memory()
+        if len(rows) == 1:
+            self._failed(rows[0], f"out of GPU memory even alone at batch size 1 ({error})")
+            return
+        half = (len(rows) + 1) // 2
+        self.max_items = min(self.max_items or half, half)
+        self._stylize(rows)
+
+    def _failed(self, row: dict[str, Any], reason: str) -> None:
+        _fail(row, reason)
+        self.breaker.record(row["reason"])
 
     def _accept(self, row: dict[str, Any], result: dict[str, Any]) -> None:
         """Write nothing an operator got wrong: errors, non-images, NaN and all-black outputs fail the row."""
