@@ -295,7 +295,7 @@ def test_operator_faults_fail_only_their_sample(tmp_path):
     nan = Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32), "F")
     rows, op = _stylize(tmp_path, {
         "good": good,
-        "boom": RuntimeError("CUDA error: device-side assert"),
+        "boom": RuntimeError("shape mismatch in the style encoder"),
         "black": Image.new("RGB", (16, 16)),
         "nan": nan,
         "text": "not an image",
@@ -308,7 +308,7 @@ def test_operator_faults_fail_only_their_sample(tmp_path):
     assert rows["good"]["status"] is None and rows["good"]["image"]
     assert rows["flat"]["status"] is None  # a flat input can give a flat output: kept
     expected = {
-        "boom": "operator error: RuntimeError: CUDA error: device-side assert",
+        "boom": "operator error: RuntimeError: shape mismatch in the style encoder",
         "black": "operator produced an all-black image",
         "nan": "operator produced NaN or infinite pixels",
         "text": "operator returned str, not a PIL image",
