@@ -48,13 +48,13 @@ CLI = textwrap.dedent("""
     import sys, ray
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     from jobs.cli import main
-    sys.argv = ["stylegen", "run", "configs/demo.yaml", "--quiet", *sys.argv[1:]]
+    sys.argv = ["stylegen", *sys.argv[1:]]
     main()
 """)
 
 
-def _cli(*sets: str) -> subprocess.CompletedProcess:
-    args = [a for s in sets for a in ("--set", s)]
+def _cli(*sets: str, command: tuple[str, ...] = ("run", "configs/demo.yaml")) -> subprocess.CompletedProcess:
+    args = [*command, "--quiet", *(a for s in sets for a in ("--set", s))]
     return subprocess.run([sys.executable, "-c", CLI, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=240)
 
@@ -82,3 +82,25 @@ def test_pools_holding_every_cpu_stop_with_one_line_and_the_gpu_default_finishes
     assert rerun.stdout.strip().splitlines()[-1] == "planned=12 kept=12 rejected=0 failed=0 skipped=0"
     check_invariants(str(tmp_path / "out"), {p.key for p in build_plan(load_config(REPO / "configs/demo.yaml",
                                                                                    sets))})
+
+
+@pytest.mark.slow
+def test_a_filter_whose_scorers_hold_every_cpu_stops_with_the_one_line(tmp_path, samples):
+    import yaml
+
+    from tests.unit_helpers import wds_tar
+
+    images = sorted((samples / "content").iterdir())[:3]
+    wds_tar(tmp_path / "part-0.tar", {f"s{i}": {"jpg": p.read_bytes(), "txt": b"a picture"}
+                                      for i, p in enumerate(images)})
+    config = tmp_path / "filter.yaml"
+    config.write_text(yaml.safe_dump({"input": {"shards": str(tmp_path / "part-*.tar")},
+                                      "output": {"path": str(tmp_path / "out")},
+                                      "scoring": {"clip_model": "tiny:clip", "num_cpus": 2.0},
+                                      "ray": {"stall_timeout_s": 10}}))
+    stalled = _cli(command=("filter", str(config)))
+    errors = [ln for ln in stalled.stderr.splitlines() if ln.startswith("error: ")]
+    assert stalled.returncode == 1 and len(errors) == 1, stalled.stdout[-2000:] + stalled.stderr[-3000:]
+    assert errors[0].startswith("error: run stalled: nothing progressed for 10s (ray.stall_timeout_s): no CPU "
+                                "left for decode/write tasks: the actor pools hold 2 of 2 CPUs (scoring 1-1 x "
+                                "num_cpus 2)"), errors[0]
