@@ -1,7 +1,7 @@
 """A worker node lost mid-run on a real two-node cluster (1 logical GPU and 2 CPUs a node, stylize pool [1, 2]):
-with the GPU pools' default num_cpus (0.25 an actor) the run finishes on the node left, every planned key exactly
-once; with pools that cannot both fit on the node left, the run stops after ``ray.stall_timeout_s`` with one line,
-and a rerun with the default finishes it."""
+the run finishes on the node left (Ray restarts the lost actors there), every planned key exactly once; with pools
+that cannot both fit on the node left, it stops after ``ray.stall_timeout_s`` with one line naming the lost node,
+and a rerun with the GPU pools' default num_cpus (0.25 an actor) finishes it."""
 
 from __future__ import annotations
 
