@@ -161,6 +161,7 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     from pipeline.output.lease import LeaseHeld
     from pipeline.output.ownership import check_owned
     from pipeline.output.store import StoreUnavailable
+    from pipeline.stall import Stalled
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -180,7 +181,7 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
         _fail(f"{config}: {exc}")
     except LeaseHeld as exc:
         _fail(str(exc))
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, Stalled) as exc:
         _fail(str(exc), code=1)
     except RunStopped as exc:  # a failure storm or a device that kept dying: the cause, and how to resume
         if debug:

@@ -11,7 +11,8 @@ Layers, each importing only from the layers above it in this list (``tests/test_
 - :mod:`pipeline.output`: what stylegen writes and owns (the store and its commit protocol, the Ray sinks, the
   writer lease, ownership, integrity and repair, resume, ``run.json``, the dataset card, progress);
 - :mod:`~pipeline.session`: the Ray session of a command (start or connect, Ray Data settings, a step whose
-  source errors come back as one line, GPU requests and devices);
+  source errors come back as one line, GPU requests and devices) and :mod:`~pipeline.stall` (a run that stops
+  progressing ends with one line naming what the cluster lacks);
 - :mod:`pipeline.plan`: the sample keys and pairing (:mod:`~pipeline.plan.keys`) and the plan as a Ray Dataset
   (:mod:`~pipeline.plan.dataset`);
 - :mod:`pipeline.generate` (``stylegen run`` and ``plan``) and :mod:`pipeline.filter` (``stylegen filter``),

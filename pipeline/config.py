@@ -142,15 +142,32 @@ class SourcesConfig(_Strict):
         return value
 
 
+# num_cpus of a GPU pool's actor when the config does not set it: the actor mostly waits on its device, and a
+# whole logical CPU per GPU actor can leave no CPU for the decode and write tasks (a run that never progresses).
+# Ray gives an actor with under one CPU OMP_NUM_THREADS=1.
+GPU_ACTOR_CPUS = 0.25
+
+
 class _ActorPool(_Strict):
     """Resources of one Ray actor pool: per-actor GPUs and CPUs (Ray sets OMP_NUM_THREADS to num_cpus) and
-    the pool size [min, max]."""
+    the pool size [min, max]. ``num_cpus`` unset is 1 for a CPU pool and :data:`GPU_ACTOR_CPUS` for a GPU pool."""
 
     num_gpus: float = Field(0, ge=0, le=64)
     num_cpus: float = Field(1, gt=0, le=256)
     actors: tuple[int, int] = (1, 1)
 
     _check_actors = field_validator("actors", mode="before")(_actors)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu_actor_cpus(cls, data: Any) -> Any:
+        """A GPU pool whose config leaves num_cpus out holds a fraction of a CPU per actor, not a whole one."""
+        if not isinstance(data, dict) or "num_cpus" in data:
+            return data
+        gpus = data.get("num_gpus")
+        if isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and gpus > 0:
+            return {**data, "num_cpus": GPU_ACTOR_CPUS}
+        return data
 
 
 class FailuresConfig(_Strict):
@@ -328,6 +345,11 @@ class RayConfig(_Strict):
     # Start work only when every pool has its minimum actors, so min actors spread over the cluster share
     # the work from the start; a cluster that cannot provide them fails the run after this many seconds.
     wait_for_actors_s: int = Field(600, ge=1, le=86_400)
+    # Stop the run with one line saying what is missing when no operator batch moves for this long (Ray Data's
+    # no-progress guard: a block taken from or queued at any stage); 0 waits forever. Model loading of the
+    # minimum actors happens before the clock starts (wait_for_actors_s); one operator batch must finish
+    # within it.
+    stall_timeout_s: int = Field(600, ge=0, le=86_400)
 
 
 class RunConfig(_ScoredJob):

@@ -54,7 +54,8 @@ def _agent_ports() -> list[str]:
 
 @contextmanager
 def local_cluster(nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: int = 4, timeout: float = 120):
-    """Yield ``{"address", "dashboard", "env"}`` of a running cluster; tear it down on exit."""
+    """Yield ``{"address", "dashboard", "env", "tmp", "procs"}`` of a running cluster (``procs[i]``: node i's
+    ``ray start``, the head first); tear it down on exit."""
     tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: unix socket paths are limited
     env = {
         **os.environ,
@@ -74,9 +75,18 @@ def local_cluster(nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: int = 4
         for i in range(1, nodes):
             procs.append(_start([f"--address=127.0.0.1:{gcs}", *common, *_agent_ports()], env, tmp / f"node{i}.log"))
         _wait_nodes(f"127.0.0.1:{gcs}", nodes, env, timeout)
-        yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "tmp": tmp}
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "tmp": tmp,
+               "procs": procs}
     finally:
         _stop(procs)
+
+
+def kill_node(cluster: dict, index: int) -> None:
+    """Lose node ``index`` (0 is the head) as a machine is lost: SIGKILL to its whole process group (its raylet,
+    object store and workers), nothing else."""
+    proc = cluster["procs"][index]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def _wait_nodes(address: str, count: int, env: dict, timeout: float) -> None:

@@ -237,6 +237,29 @@ def test_operator_hash_tracks_what_changes_the_image():
     assert validate_config(data).operator_hash() == base.operator_hash()
 
 
+@pytest.mark.parametrize("section", ["operator", "scoring"])
+def test_a_gpu_pool_holds_a_quarter_cpu_unless_num_cpus_is_set(section):
+    """A GPU actor mostly waits on its device: a whole CPU each can leave none for decode and write tasks."""
+    cpu = validate_config(with_section(section))
+    gpu = validate_config(with_section(section, num_gpus=1))
+    both = validate_config(with_section(section, num_gpus=0.5, num_cpus=2.0))
+    cpu_set = validate_config(with_section(section, num_cpus=3.0))
+    assert getattr(cpu, section).num_cpus == 1 and getattr(cpu_set, section).num_cpus == 3
+    assert getattr(gpu, section).num_cpus == 0.25
+    assert getattr(both, section).num_cpus == 2
+    # Read back from run.json (num_cpus recorded), the value stays; the default never moves a key.
+    again = validate_config(gpu.model_dump(mode="json"))
+    assert getattr(again, section).num_cpus == 0.25
+    assert len({c.operator_hash() for c in (cpu, gpu, both, cpu_set, again)}) == 1
+
+
+def test_ray_stall_timeout_defaults_to_10_minutes_and_0_turns_it_off():
+    assert validate_config(MINIMAL).ray.stall_timeout_s == 600
+    assert validate_config(with_section("ray", stall_timeout_s=0)).ray.stall_timeout_s == 0
+    with pytest.raises(ConfigError, match="ray.stall_timeout_s"):
+        validate_config(with_section("ray", stall_timeout_s=-1))
+
+
 def test_operator_hash_ignores_param_order():
     a = validate_config(with_section("operator", name="sissi", params={"steps": 4, "guidance": 3.0}))
     b = validate_config(with_section("operator", name="sissi", params={"guidance": 3.0, "steps": 4}))

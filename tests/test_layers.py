@@ -17,7 +17,7 @@ PIPELINE_LAYERS = [
     {"pipeline.config", "pipeline.schema", "pipeline.redact", "pipeline.score_rules"},
     {"pipeline.io"},
     {"pipeline.output"},
-    {"pipeline.session"},
+    {"pipeline.session", "pipeline.stall"},
     {"pipeline.plan"},
     {"pipeline.generate", "pipeline.filter"},
     {"pipeline.review"},

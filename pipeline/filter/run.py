@@ -34,6 +34,7 @@ from pipeline.output.sink import ShardDatasink, TableDatasink
 from pipeline.output.store import OutputStore
 from pipeline.schema import EMB_SCHEMA
 from pipeline.session import gpu_args, ray_session
+from pipeline.stall import Pool, StallWatch, guard
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -127,7 +128,9 @@ def _curate(cfg: FilterRunConfig, plan: Dataset, *, quiet: bool, retry_failed: s
             compute=ActorPoolStrategy(min_size=sc.actors[0], max_size=sc.actors[1]),
             fn_constructor_kwargs={"scoring": sc.model_dump(), "decode": cfg.decode.model_dump()},
             num_cpus=sc.num_cpus, **gpu_args(sc.num_gpus))
-        ds.write_datasink(TableDatasink(cfg.embeddings_path(), out.fsync, EMB_SCHEMA))
+        guard(ds, cfg.ray.stall_timeout_s)
+        with StallWatch(cfg.ray.stall_timeout_s, [Pool("scoring", sc.num_cpus, sc.num_gpus, sc.actors)]):
+            ds.write_datasink(TableDatasink(cfg.embeddings_path(), out.fsync, EMB_SCHEMA))
     summary.timings["embed_s"] = round(time.time() - started, 3)
     if n_todo:
         decided = decisions_dataset(plan, planned, emb_store, cfg.filter.model_dump(),

@@ -27,6 +27,7 @@ from pipeline.output.store import OutputStore
 from pipeline.plan.dataset import SAMPLE_COLUMNS, SMALL_PLAN, list_sources, plan_dataset
 from pipeline.redact import public_config
 from pipeline.session import configure_data_context, gpu_args, ray_session
+from pipeline.stall import Pool, StallWatch, guard
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def execute(config: RunConfig, todo, quiet: bool = False) -> None:
         num_cpus=sc.num_cpus,
         **gpu_args(sc.num_gpus),
     )
+    guard(ds, config.ray.stall_timeout_s)
     try:
         ds.write_datasink(ShardDatasink(config.output.model_dump()))
     except Exception as exc:
@@ -96,6 +98,12 @@ def execute(config: RunConfig, todo, quiet: bool = False) -> None:
         if stopped is None:
             raise
         raise stopped from None
+
+
+def stall_pools(config: RunConfig) -> list[Pool]:
+    """The actor pools of a run, as a stall's line names them."""
+    return [Pool(name, pool.num_cpus, pool.num_gpus, pool.actors)
+            for name, pool in (("operator", config.operator), ("scoring", config.scoring))]
 
 
 def source_specs(config: RunConfig) -> list[tuple[str, str | None]]:
@@ -138,7 +146,8 @@ def _run(config: RunConfig, plan, started: float, *, quiet: bool, retry_failed: 
         progress = None if quiet else ProgressReporter(store, n_todo).start()
         try:
             t0 = time.time()
-            execute(config, todo, quiet=quiet)
+            with StallWatch(config.ray.stall_timeout_s, stall_pools(config)):
+                execute(config, todo, quiet=quiet)
             summary.timings["execute_s"] = round(time.time() - t0, 3)
         finally:
             if progress is not None:
