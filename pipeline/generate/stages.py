@@ -142,6 +142,9 @@ class Stylizer:
         self.op = build_operator(operator, device=self.device)
         self.output = OutputConfig.model_validate(output)
         self.worker = _worker_info(self.device)
+        # Loaded now, with the model, not after the first batch: importing open_clip takes seconds (17 s on a
+        # busy 2-core machine), which the first call would spend while the device waits.
+        _clip_tokenizer()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = to_rows(batch)
