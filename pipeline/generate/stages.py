@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import threading
 from typing import Any
 
 import pyarrow as pa
@@ -133,13 +134,18 @@ def pick_device(num_gpus: float) -> str:
 
 
 class Stylizer:
-    """Actor: loads the operator once, stylizes batches, isolates per-sample failures."""
+    """Actor: loads the operator once, stylizes batches, isolates per-sample failures.
+
+    A GPU pool runs two calls per actor at once (``pipeline.generate.run.feeding_args``): one batch's CPU work
+    (opening the inputs, encoding the outputs) overlaps the other's operator call, and ``device_lock`` keeps the
+    operator to one call at a time, so the device runs batch after batch without waiting for the CPU between."""
 
     def __init__(self, operator: dict[str, Any], output: dict[str, Any]):
         from operators import build_operator
 
         self.device = pick_device(float(operator.get("num_gpus") or 0))
         self.op = build_operator(operator, device=self.device)
+        self.device_lock = threading.Lock()
         self.output = OutputConfig.model_validate(output)
         self.worker = _worker_info(self.device)
         # Loaded now, with the model, not after the first batch: importing open_clip takes seconds (17 s on a
@@ -170,7 +176,9 @@ class Stylizer:
 
     def _stylize(self, rows: list[dict[str, Any]]) -> None:
         try:
-            results = self.op(self._items(rows))
+            items = self._items(rows)
+            with self.device_lock:
+                results = self.op(items)
             if not isinstance(results, list) or len(results) != len(rows):
                 got = len(results) if isinstance(results, list) else type(results).__name__
                 raise ValueError(f"operator returned {got} results for {len(rows)} items")
