@@ -3,6 +3,7 @@ operator contract of ``operators/__init__.py`` exactly as a user's own would, fr
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -57,7 +58,7 @@ class Hold:
 
 class TimedHold(Hold):
     """A :class:`Hold` (or, with ``params.operator``, a real operator config wrapped on the actor's device) that
-    records each call's start and end (``time.time()``) in every result's ``meta``: a benchmark reads each
+    records each call's start and end (``time.time()``) and thread in every result's ``meta``: a benchmark reads each
     actor's busy intervals back from the index's ``meta`` column, with no side channel."""
 
     name = "timed-hold"
@@ -77,7 +78,8 @@ class TimedHold(Hold):
         results = self.inner(items) if self.inner is not None else super().__call__(items)
         end = time.time()
         for result in results:
-            result["meta"] = {**(result.get("meta") or {}), "call_start": start, "call_end": end}
+            result["meta"] = {**(result.get("meta") or {}), "call_start": start, "call_end": end,
+                              "thread": threading.get_ident()}
         return results
 
 

@@ -150,7 +150,7 @@ class Stylizer:
         self.worker = _worker_info(self.device)
         # Loaded now, with the model, not after the first batch: importing open_clip takes seconds (17 s on a
         # busy 2-core machine), which the first call would spend while the device waits.
-        _clip_tokenizer()
+        clip_tokenizer()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = to_rows(batch)
@@ -221,7 +221,7 @@ CLIP_TEXT_TOKENS = 75  # CLIP's 77-token context minus start and end: the scorer
 
 
 @functools.lru_cache(maxsize=1)
-def _clip_tokenizer():
+def clip_tokenizer():
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer()
@@ -232,7 +232,7 @@ def prompt_meta(prompt: str | None) -> dict[str, Any]:
     scorer, and SD/Flux's CLIP text encoder) truncates them, so the sample records that it did."""
     if prompt is None:
         return {}
-    tokens = len(_clip_tokenizer().encode(prompt))
+    tokens = len(clip_tokenizer().encode(prompt))
     return {"prompt_chars": len(prompt), "prompt_clip_tokens": tokens, "prompt_truncated": tokens > CLIP_TEXT_TOKENS}
 
 
