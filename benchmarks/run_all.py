@@ -32,6 +32,7 @@ DEPENDS: dict[str, list[str]] = {
     "bench_filter_scale.py": ["pipeline/filter", "pipeline/session.py", "pipeline/output/record.py",
                               "pipeline/output/resume.py", "pipeline/output/store.py", "pipeline/output/sink.py",
                               "operators/clip_score.py"],
+    "bench_gpu_feeding.py": ["pipeline", "tests/plugin_ops.py", "operators/clip_score.py"],
     "bench_memory.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py"],
     "bench_pipeline.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py", "operators/sissi"],
     "bench_plan_scale.py": ["pipeline/plan/keys.py", "pipeline/plan/dataset.py", "pipeline/io/sources.py",

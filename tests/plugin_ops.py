@@ -3,6 +3,7 @@ operator contract of ``operators/__init__.py`` exactly as a user's own would, fr
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -114,6 +115,34 @@ class FailAll:
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.calls += 1
         raise RuntimeError(self.reason)
+
+
+class TimedHold(Hold):
+    """A :class:`Hold` (or, with ``params.operator``, a real operator config wrapped on the actor's device) that
+    records each call's start and end (``time.time()``) and thread in every result's ``meta``: a benchmark reads each
+    actor's busy intervals back from the index's ``meta`` column, with no side channel."""
+
+    name = "timed-hold"
+
+    def __init__(self, model: str | None = None, params: dict[str, Any] | None = None, device: str = "cpu"):
+        params = dict(params or {})
+        inner = params.pop("operator", None)
+        super().__init__(model, params, device)
+        self.inner = None
+        if inner is not None:
+            from operators import build_operator
+
+            self.inner = build_operator(inner, device=device)
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        start = time.time()
+        results = self.inner(items) if self.inner is not None else super().__call__(items)
+        end = time.time()
+        for result in results:
+            result["meta"] = {**(result.get("meta") or {}), "call_start": start, "call_end": end,
+                              "thread": threading.get_ident()}
+        return results
+
 
 def readme_plugin(folder, output: str, samples) -> dict:
     """Write the README's "Your own operator" example as the package ``my_ops`` under ``folder`` and return its

@@ -28,3 +28,10 @@ def test_docstrings_and_comments_are_not_code():
     assert code_of(code) == code_of('def f(x):\n    """Other doc (docs/architecture.md §8)."""\n    return x + 1\n')
     assert code_of(code) != code_of('def f(x):\n    """Doc."""\n    return x + 2\n')
     assert code_of(code) == code_of('def f(x):\n    return x + 1\n')
+
+
+def test_every_benchmark_names_the_code_it_measures():
+    """A benchmark missing from ``DEPENDS`` could never be called stale (e.g. ``bench_gpu_feeding.py``)."""
+    from benchmarks.run_all import DEPENDS, HERE
+
+    assert sorted(p.name for p in HERE.glob("bench_*.py")) == sorted(DEPENDS)

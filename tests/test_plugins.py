@@ -127,3 +127,36 @@ def test_readme_plugin_example_runs_from_the_users_folder(samples, tmp_path):
     for key, blob in tar_images(tmp_path / "out").items():
         levels = np.unique(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))[..., 0])
         assert len(levels) <= 8, (key, levels)  # 3 bits
+
+
+def test_a_gpu_stylize_actor_takes_the_next_batch_while_the_device_holds_one(samples, tmp_path):
+    """On a GPU pool (Ray with a logical GPU, in its own process), the actor runs the next batch's CPU work on a
+    second thread while the operator holds the device (``tests.plugin_ops:TimedHold`` records each call's
+    interval and thread in ``meta``): calls come from two threads, and never overlap on the device."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    data = _config(samples, tmp_path / "out", "tests.plugin_ops:TimedHold", params={"seconds": 0.5},
+                   num_gpus=1, batch_size=1)
+    data["pairing"]["limit"] = 6
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    script = textwrap.dedent(f"""
+        import json, ray
+        from pipeline.config import validate_config
+        from pipeline.generate.run import run
+        ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        print(run(validate_config(json.load(open({str(tmp_path / "cfg.json")!r}))), quiet=True).line())
+    """)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metas = [json.loads(r["meta"]) for r in check_invariants(str(tmp_path / "out"), {p.key for p in
+                                                                                     build_plan(validate_config(data))})]
+    calls = sorted({(m["call_start"], m["call_end"], m["thread"]) for m in metas})
+    assert len(calls) == 6 and len({m["worker"]["pid"] for m in metas}) == 1
+    assert all(end <= start for (_, end, _), (start, _, _) in zip(calls, calls[1:], strict=False)), calls
+    assert len({thread for _, _, thread in calls}) == 2, calls

@@ -10,9 +10,12 @@ import tarfile
 
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from pipeline.config import validate_config
-from pipeline.generate.run import cpu_threads_warning, run
+from pipeline.generate.run import cpu_threads_warning, feeding_args, run
+from pipeline.generate.stages import Stylizer, clip_tokenizer, to_table
+from pipeline.io.images import encode_transport
 from pipeline.plan.keys import build_plan
 from tests.invariants import check_invariants, read_index
 
@@ -196,3 +199,51 @@ def test_cpu_pools_asking_for_more_threads_than_cores_are_warned_about(tmp_path)
     assert "operator: 1 x num_cpus 2" in warning and "scoring: 1 x num_cpus 2" in warning
     assert cpu_threads_warning(cfg(2, 2), cores=4) is None
     assert cpu_threads_warning(cfg(2, 2, op_gpus=1), cores=2) is None  # the operator is on a GPU
+
+
+def _stylizer_rows(keys: list[str]) -> list[dict]:
+    png = encode_transport(Image.new("RGB", (16, 16), (200, 40, 40)))
+    return [{"key": k, "status": None, "prompt": "a fox", "content_id": k, "style_id": "s", "seed": 0,
+             "style_bytes": png, "content_bytes": png} for k in keys]
+
+
+def test_a_stylize_actor_loads_the_prompt_tokenizer_before_its_first_batch(tmp_path):
+    """Importing open_clip for the prompt tokens took 16-24 s of the first batch on a busy machine, with every GPU
+    waiting (benchmarks/bench_gpu_feeding.py); the actor loads it with the model instead."""
+    clip_tokenizer.cache_clear()
+    Stylizer({"name": "color-transfer"}, {"path": str(tmp_path)})
+    assert clip_tokenizer.cache_info().currsize == 1
+
+
+def test_a_gpu_stylizer_overlaps_batches_but_calls_its_operator_one_at_a_time(tmp_path):
+    """A GPU pool runs two calls per actor, so one batch's CPU work overlaps the other's device call; the operator
+    (one model on one device) is never entered twice at once. A CPU pool stays one call per actor."""
+    import threading
+    import time
+
+    assert feeding_args(1) == {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
+    assert feeding_args(0.5)["max_concurrent_calls_per_actor"] == 2 and feeding_args(0) == {}
+
+    class Probe:
+        def __init__(self):
+            self.active = self.most = self.calls = 0
+
+        def __call__(self, items):
+            self.active += 1
+            self.most, self.calls = max(self.most, self.active), self.calls + 1
+            time.sleep(0.05)  # hold the "device" long enough for the other thread to arrive
+            self.active -= 1
+            return [{"key": i["key"], "image": i["style"], "meta": {}} for i in items]
+
+    stylizer = Stylizer({"name": "color-transfer"}, {"path": str(tmp_path)})
+    stylizer.op = probe = Probe()
+    out = []
+    threads = [threading.Thread(target=lambda k=k: out.append(stylizer(to_table(_stylizer_rows([k, k + "2"])))))
+               for k in ("a", "b", "c", "d")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert probe.calls == 4 and probe.most == 1
+    rows = [r for table in out for r in table.to_pylist()]
+    assert len(rows) == 8 and all(r["status"] is None and r["image"] for r in rows)  # stylized, none failed

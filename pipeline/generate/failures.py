@@ -11,6 +11,7 @@ replaces it) and :class:`RunStopped` (the run stops with one line).
 from __future__ import annotations
 
 import re
+import threading
 from collections import deque
 from typing import Any
 
@@ -115,18 +116,20 @@ class FailureBreaker:
     def __init__(self, config: FailuresConfig | dict[str, Any] | None = None):
         self.config = FailuresConfig.model_validate(config or {})
         self.recent: deque[str | None] = deque(maxlen=self.config.window)
+        self.lock = threading.Lock()  # a GPU actor's two calls (pipeline.generate.run.feeding_args) record at once
 
     def record(self, reason: str | None) -> None:
         """One sample's outcome: None when the operator stylized it, else its failure reason."""
         if not self.config.enabled:
             return
         key = normalise(reason) if reason else None
-        self.recent.append(key)
-        if key is None:
-            return
-        failed = sum(1 for r in self.recent if r == key)
-        if failed >= self.config.min_failures and failed >= self.config.ratio * len(self.recent):
-            raise SystemicFailure(reason, failed, len(self.recent))
+        with self.lock:
+            self.recent.append(key)
+            if key is None:
+                return
+            failed, seen = sum(1 for r in self.recent if r == key), len(self.recent)
+        if failed >= self.config.min_failures and failed >= self.config.ratio * seen:
+            raise SystemicFailure(reason, failed, seen)
 
 
 class RunStopped(RuntimeError):

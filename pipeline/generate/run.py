@@ -49,6 +49,15 @@ def cpu_threads_warning(config: RunConfig, cores: int | None) -> str | None:
             "other down: lower num_cpus or actors")
 
 
+def feeding_args(num_gpus: float) -> dict:
+    """How a GPU actor pool keeps its devices busy: two calls per actor run at once (Ray Data threads), so one
+    batch's CPU work overlaps the other's device work (``Stylizer.device_lock`` keeps the device to one call at
+    a time). A CPU-only actor has no device to keep busy: a second thread would only contend for its cores."""
+    if num_gpus <= 0:
+        return {}
+    return {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
+
+
 def execute(config: RunConfig, todo, quiet: bool = False) -> None:
     """Stream the ``todo`` dataset through decode -> stylize -> score/filter -> sink on the current Ray cluster; a
     failure storm or a device that kept dying raises :class:`~pipeline.generate.failures.RunStopped`."""
@@ -71,7 +80,8 @@ def execute(config: RunConfig, todo, quiet: bool = False) -> None:
             Stylizer,
             batch_format="pyarrow",
             batch_size=op.batch_size,
-            compute=ActorPoolStrategy(min_size=op.actors[0], max_size=op.actors[1]),
+            compute=ActorPoolStrategy(min_size=op.actors[0], max_size=op.actors[1],
+                                     **feeding_args(op.num_gpus)),
             fn_constructor_kwargs={"operator": op.model_dump(), "output": config.output.model_dump()},
             num_cpus=op.num_cpus,
             # Ray Data restarts a dead actor up to max_restarts times (its default: forever) and retries the actor's

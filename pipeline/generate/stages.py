@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import threading
 from typing import Any
 
 import pyarrow as pa
@@ -145,18 +146,26 @@ class Stylizer:
     Out of GPU memory, a batch is split in halves until its parts fit, and no call gets more than the largest size
     that fit from then on (``max_items``). An error that poisons the device makes the process exit
     (:class:`~pipeline.generate.failures.DeviceUnusable`) so that Ray retries the batch on a fresh one. A storm of
-    one failure stops the run (:class:`~pipeline.generate.failures.FailureBreaker`)."""
+    one failure stops the run (:class:`~pipeline.generate.failures.FailureBreaker`).
+
+    A GPU pool runs two calls per actor at once (``pipeline.generate.run.feeding_args``): one batch's CPU work
+    (opening the inputs, encoding the outputs) overlaps the other's operator call, and ``device_lock`` keeps the
+    operator to one call at a time, so the device runs batch after batch without waiting for the CPU between."""
 
     def __init__(self, operator: dict[str, Any], output: dict[str, Any]):
         from operators import build_operator
 
         self.device = pick_device(float(operator.get("num_gpus") or 0))
         self.op = build_operator(operator, device=self.device)
+        self.device_lock = threading.Lock()
         self.output = OutputConfig.model_validate(output)
         self.worker = _worker_info(self.device)
         self.breaker = FailureBreaker(operator.get("failures"))
         self.max_items: int | None = None  # after an out-of-memory error: the most items one call may get
         self._announced: int | None = None
+        # Loaded now, with the model, not after the first batch: importing open_clip takes seconds (17 s on a
+        # busy 2-core machine), which the first call would spend while the device waits.
+        clip_tokenizer()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = to_rows(batch)
@@ -191,7 +200,9 @@ class Stylizer:
     def _call(self, rows: list[dict[str, Any]]) -> None:
         oom = None
         try:
-            results = self.op(self._items(rows))
+            items = self._items(rows)
+            with self.device_lock:
+                results = self.op(items)
             if not isinstance(results, list) or len(results) != len(rows):
                 got = len(results) if isinstance(results, list) else type(results).__name__
                 raise ValueError(f"operator returned {got} results for {len(rows)} items")
@@ -263,7 +274,7 @@ CLIP_TEXT_TOKENS = 75  # CLIP's 77-token context minus start and end: the scorer
 
 
 @functools.lru_cache(maxsize=1)
-def _clip_tokenizer():
+def clip_tokenizer():
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer()
@@ -274,7 +285,7 @@ def prompt_meta(prompt: str | None) -> dict[str, Any]:
     scorer, and SD/Flux's CLIP text encoder) truncates them, so the sample records that it did."""
     if prompt is None:
         return {}
-    tokens = len(_clip_tokenizer().encode(prompt))
+    tokens = len(clip_tokenizer().encode(prompt))
     return {"prompt_chars": len(prompt), "prompt_clip_tokens": tokens, "prompt_truncated": tokens > CLIP_TEXT_TOKENS}
 
 
