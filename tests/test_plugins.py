@@ -132,7 +132,9 @@ def test_readme_plugin_example_runs_from_the_users_folder(samples, tmp_path):
 def test_a_gpu_stylize_actor_takes_the_next_batch_while_the_device_holds_one(samples, tmp_path):
     """On a GPU pool (Ray with a logical GPU, in its own process), the actor runs the next batch's CPU work on a
     second thread while the operator holds the device (``tests.plugin_ops:TimedHold`` records each call's
-    interval and thread in ``meta``): calls come from two threads, and never overlap on the device."""
+    interval and thread in ``meta``): calls come from two threads, and never overlap on the device. On the same
+    threaded pool, a device poisoned after its first call exits its process for Ray to replace (the exit works
+    from the actor's second thread too): every sample kept, none failed, two processes."""
     import os
     import subprocess
     import sys
@@ -143,12 +145,16 @@ def test_a_gpu_stylize_actor_takes_the_next_batch_while_the_device_holds_one(sam
                    num_gpus=1, batch_size=1)
     data["pairing"]["limit"] = 6
     (tmp_path / "cfg.json").write_text(json.dumps(data))
+    poison = _config(samples, tmp_path / "poisoned", "tests.plugin_ops:PoisonAfterFirst", num_gpus=1, batch_size=4)
+    poison["pairing"]["limit"] = 8  # two batches: one replacement
+    (tmp_path / "poison.json").write_text(json.dumps(poison))
     script = textwrap.dedent(f"""
         import json, ray
         from pipeline.config import validate_config
         from pipeline.generate.run import run
         ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
-        print(run(validate_config(json.load(open({str(tmp_path / "cfg.json")!r}))), quiet=True).line())
+        for name in ("cfg.json", "poison.json"):
+            print(run(validate_config(json.load(open({str(tmp_path)!r} + "/" + name))), quiet=True).line())
     """)
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300,
@@ -160,3 +166,6 @@ def test_a_gpu_stylize_actor_takes_the_next_batch_while_the_device_holds_one(sam
     assert len(calls) == 6 and len({m["worker"]["pid"] for m in metas}) == 1
     assert all(end <= start for (_, end, _), (start, _, _) in zip(calls, calls[1:], strict=False)), calls
     assert len({thread for _, _, thread in calls}) == 2, calls
+    rows = check_invariants(str(tmp_path / "poisoned"), {p.key for p in build_plan(validate_config(poison))})
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"kept"}, [r["reason"] for r in rows]
+    assert len({json.loads(r["meta"])["worker"]["pid"] for r in rows}) == 2
