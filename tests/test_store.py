@@ -392,3 +392,31 @@ def test_publisher_raises_the_first_failure_but_an_interrupt_stays_an_interrupt(
         with Publisher() as publisher:
             publisher.submit(fail, lambda: None)
             raise KeyboardInterrupt
+
+
+def test_publisher_lets_the_caller_run_at_most_one_job_ahead():
+    """Staged shards wait for a slow disk or store in bounded number: submitting job k returns once job k-1 is
+    done, so the caller stages k+1 while k publishes, never further ahead."""
+    import threading
+
+    from pipeline.output.publish import Publisher
+
+    release, submitted = threading.Event(), []
+
+    def slow():
+        assert release.wait(timeout=20)
+
+    with Publisher() as publisher:
+        def caller():
+            publisher.submit(slow, lambda: None)
+            submitted.append(1)
+            publisher.submit(lambda: None, lambda: None)
+            submitted.append(2)
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        thread.join(timeout=1)
+        assert submitted == [1]  # job 2 is queued, but its submit waits behind the slow job 1
+        release.set()
+        thread.join()
+    assert submitted == [1, 2]

@@ -4,8 +4,9 @@ A shard's fsync, rename and directory fsync (or its upload) wait on the disk or 
 :class:`Publisher` runs those jobs on one background thread, strictly in submission order, while the caller
 stages the next shard; one thread keeps the order of the commit protocol (tar durable and visible, then its
 index) without any locking of its own. After the first failure every job still queued is discarded instead of
-run, so nothing after a failed shard becomes visible; :meth:`Publisher.close` (the ``with`` block's end) waits
-for every job and re-raises that first failure.
+run, so nothing after a failed shard becomes visible. Submitting job k returns once job k-1 is done: the caller
+runs one shard ahead, never more, so a slow disk or store does not pile staged shards up. :meth:`Publisher.close`
+(the ``with`` block's end) waits for every job and re-raises that first failure.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 
 class Publisher:
     """One background thread that runs ``job`` callables in order; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, ahead: int = 1) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stylegen-publish")
+        self._ahead = ahead  # jobs that may wait behind the running one: bounds what sits in staging
         self._futures: list[Future] = []
         self._failed = threading.Event()
 
@@ -45,6 +47,8 @@ class Publisher:
                 raise
 
         self._futures.append(self._pool.submit(run))
+        if len(self._futures) > self._ahead:
+            wait([self._futures[-self._ahead - 1]])  # a slow disk or store holds the caller back, not its staging
 
     def close(self) -> None:
         """Wait for every job; re-raise the first failure (the earliest shard that did not publish)."""

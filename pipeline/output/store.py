@@ -34,6 +34,7 @@ from pipeline.schema import INDEX_SCHEMA, SCORE_PREFIX, conform_index, index_fie
 
 log = logging.getLogger(__name__)
 
+
 class OutputStore:
     """Paths, recovery and atomic commits for one output location (local path or URL)."""
 
