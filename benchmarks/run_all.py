@@ -31,14 +31,15 @@ DEPENDS: dict[str, list[str]] = {
     "bench_dedup_scale.py": ["pipeline/filter/dedup.py"],
     "bench_filter_scale.py": ["pipeline/filter", "pipeline/session.py", "pipeline/output/record.py",
                               "pipeline/output/resume.py", "pipeline/output/store.py", "pipeline/output/sink.py",
-                              "operators/clip_score.py"],
+                              "pipeline/output/tars.py", "pipeline/output/publish.py", "operators/clip_score.py"],
     "bench_gpu_feeding.py": ["pipeline", "tests/plugin_ops.py", "operators/clip_score.py"],
     "bench_memory.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py"],
     "bench_pipeline.py": ["pipeline", "operators/color_transfer.py", "operators/clip_score.py", "operators/sissi"],
     "bench_plan_scale.py": ["pipeline/plan/keys.py", "pipeline/plan/dataset.py", "pipeline/io/sources.py",
                             "pipeline/output/resume.py", "pipeline/generate/run.py", "pipeline/session.py"],
     "bench_sissi.py": ["operators/sissi", "operators/attention.py", "operators/tiny_flux.py"],
-    "bench_writer.py": ["pipeline/output/store.py", "pipeline/output/sink.py", "pipeline/io/fs.py",
+    "bench_writer.py": ["pipeline/output/store.py", "pipeline/output/sink.py", "pipeline/output/tars.py",
+                        "pipeline/output/publish.py", "pipeline/redact.py", "pipeline/io/fs.py",
                         "pipeline/io/images.py"],
 }
 

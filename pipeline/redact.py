@@ -82,7 +82,10 @@ def register_secrets(values: Iterable[str]) -> None:
 
 
 def _env_secrets() -> list[str]:
-    names = [n.strip() for n in os.environ.get(SECRET_ENV, "").split(",") if n.strip()]
+    raw = os.environ.get(SECRET_ENV)
+    if not raw:
+        return []
+    names = [n.strip() for n in raw.split(",") if n.strip()]
     return [os.environ[n] for n in names if os.environ.get(n)]
 
 
@@ -91,8 +94,12 @@ def redact_text(text: str) -> str:
     known secret value (:func:`register_secrets`, ``$STYLEGEN_SECRET_ENV``) replaced by ``***``."""
     if not isinstance(text, str) or not text:
         return text
-    with _lock:
-        secrets = sorted(_secrets.union(_env_secrets()), key=len, reverse=True)
+    env = _env_secrets()
+    if _secrets or env:  # the common case, none, skips the lock and the sort (redacted for every stored row)
+        with _lock:
+            secrets = sorted(_secrets.union(env), key=len, reverse=True)
+    else:
+        secrets = []
     for value in secrets:
         if value in text:
             text = text.replace(value, REDACTED)

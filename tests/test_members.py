@@ -24,7 +24,7 @@ from pipeline.filter.inputs import caption
 from pipeline.filter.run import curate
 from pipeline.io.sources import read_images
 from pipeline.io.tar_index import index_tar
-from pipeline.output.store import write_tar
+from pipeline.output.tars import write_tar
 from pipeline.schema import INDEX_SCHEMA
 from tests.hostile_corpus import encoded, textured
 from tests.invariants import check_invariants, read_index

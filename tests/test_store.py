@@ -239,3 +239,184 @@ def test_index_parquet_is_readable_on_its_own(tmp_path):
                 "clip_content", "clip_style"):
         assert col in table.column_names
     assert set(table.column("status").to_pylist()) == set(STATUSES)
+
+
+def test_tar_bytes_are_tarfiles_own(tmp_path):
+    """The writer fills a header template instead of calling tarfile per member: the bytes must be tarfile's."""
+    from pipeline.output.tars import member_info, write_tar
+
+    samples = [{"__key__": f"{i:016x}", "png": os.urandom(i * 517 % 3000), "json": "é" * i, "txt": b"",
+                "style.png": b"x" * 512, "a" * 32: b"y" * 70_000} for i in range(9)]
+    ours = io.BytesIO()
+    write_tar(ours, list(reversed(samples)))
+    theirs = io.BytesIO()
+    with tarfile.open(fileobj=theirs, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for ext in sorted(k for k in sample if k != "__key__"):
+                data = sample[ext].encode() if isinstance(sample[ext], str) else sample[ext]
+                tar.addfile(member_info(f"{sample['__key__']}.{ext}", len(data)), io.BytesIO(data))
+    assert ours.getvalue() == theirs.getvalue()
+
+
+def _chunk_names(rows: list[dict], per_shard: int) -> list[str]:
+    """Shard names in commit order, for rows that split into chunks of exactly ``per_shard``."""
+    keys = sorted(r["key"] for r in rows)
+    return [shard_name(keys[i:i + per_shard]) for i in range(0, len(keys), per_shard)]
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _spy_disk(monkeypatch, on_fsync=None) -> list[tuple]:
+    """Record the commit's fsyncs and renames, in order: ("fsync", path) and ("replace", src, dst)."""
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        path = _fd_path(fd)
+        if on_fsync is not None:
+            on_fsync(path)
+        real_fsync(fd)
+        events.append(("fsync", path))
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        events.append(("replace", str(src), str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_each_index_is_published_only_after_its_tar_is_durable_and_visible(tmp_path, monkeypatch):
+    """§5.3 with publication in the background: per shard, tar fsynced -> renamed -> shards/ fsynced, and only
+    then index fsynced -> renamed -> index/ fsynced; shards in key order."""
+    store = store_at(tmp_path)
+    events = _spy_disk(monkeypatch)
+    rows = make_rows(12, statuses=("kept", "rejected"))
+    commit_rows(store, rows, output(tmp_path, samples_per_shard=3))
+    renames = [e for e in events if e[0] == "replace"]
+    assert len(renames) == 8  # 4 shards, 4 indexes
+    for n, (_, src, dst) in enumerate(renames):
+        at = events.index(renames[n])
+        before, after = events[:at], events[at + 1:]
+        assert ("fsync", src) in before, f"{dst} renamed before its staged file was fsynced"
+        assert after and after[0] == ("fsync", os.path.dirname(dst)), f"{dst}: its folder not fsynced next"
+        if dst.endswith(".parquet"):
+            tar = f"{store.shards}/{Path(dst).stem}.tar"
+            assert renames[n - 1][2] == tar and n % 2 == 1, f"{dst} published before its tar"
+            assert ("fsync", str(tmp_path / "shards")) in events[events.index(renames[n - 1]):at]
+    assert [Path(r[2]).stem for r in renames[::2]] == _chunk_names(rows, 3)
+
+
+def test_a_tar_that_fails_to_sync_publishes_no_index_and_names_its_file(tmp_path, monkeypatch):
+    """An fsync failure (EIO) on the second of three tars: the first shard is committed, the second's tar and
+    index and the whole third shard never become visible, nothing stays staged, and the error names the tar."""
+    import errno
+
+    from pipeline.output.integrity import open_output
+    from pipeline.output.store import WriteError
+
+    store = store_at(tmp_path)
+    synced_tars = []
+
+    def fail_second_tar(path):
+        if path.endswith(".tar"):
+            synced_tars.append(path)
+            if len(synced_tars) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+
+    _spy_disk(monkeypatch, fail_second_tar)
+    rows = make_rows(9, statuses=("kept",))
+    with pytest.raises(WriteError) as err:
+        commit_rows(store, rows, output(tmp_path, samples_per_shard=3))
+    names = _chunk_names(rows, 3)
+    assert err.value.errno == errno.EIO and err.value.filename == f"{store.shards}/{names[1]}.tar"
+    assert [Path(p).stem for p in store.index_files()] == [names[0]]
+    assert [Path(p).stem for p in store.shard_files()] == [names[0]]
+    assert os.listdir(tmp_path / "_tmp") == []
+    monkeypatch.undo()
+    assert open_output(OutputStore(str(tmp_path)), None)["orphans_removed"] == 0
+    commit_rows(store, rows, output(tmp_path, samples_per_shard=3))  # the rerun commits the rest
+    assert store.done_keys() == {r["key"] for r in rows}
+
+
+def test_a_tar_is_synced_while_the_next_shard_is_staged(tmp_path, monkeypatch):
+    """The overlap itself: the first tar's fsync waits until the second tar is being written. Published inline,
+    the wait would run out (the second tar comes only after it) and the test fails."""
+    import threading
+
+    import pipeline.output.store as store_module
+
+    second_started = threading.Event()
+    overlapped = []
+    real_write_tar = store_module.write_tar
+    calls = []
+
+    def write_tar(f, samples):
+        calls.append(len(samples))
+        if len(calls) == 2:
+            second_started.set()
+        real_write_tar(f, samples)
+
+    def wait_for_second(path):
+        if path.endswith(".tar") and not overlapped:
+            overlapped.append(second_started.wait(timeout=20))
+
+    monkeypatch.setattr(store_module, "write_tar", write_tar)
+    _spy_disk(monkeypatch, wait_for_second)
+    store = store_at(tmp_path)
+    commit_rows(store, make_rows(6, statuses=("kept",)), output(tmp_path, samples_per_shard=3))
+    assert overlapped == [True]
+    assert len(store.index_files()) == 2
+
+
+def test_publisher_raises_the_first_failure_but_an_interrupt_stays_an_interrupt():
+    from pipeline.output.publish import Publisher
+
+    ran, discarded = [], []
+
+    def fail():
+        raise OSError(5, "first")
+
+    with pytest.raises(OSError, match="first"):
+        with Publisher() as publisher:
+            publisher.submit(lambda: ran.append(1), lambda: discarded.append(1))
+            publisher.submit(fail, lambda: discarded.append(2))
+            publisher.submit(lambda: ran.append(3), lambda: discarded.append(3))
+            raise ValueError("the caller's later error")
+    assert ran == [1] and discarded == [2, 3]
+
+    with pytest.raises(KeyboardInterrupt):
+        with Publisher() as publisher:
+            publisher.submit(fail, lambda: None)
+            raise KeyboardInterrupt
+
+
+def test_publisher_lets_the_caller_run_at_most_one_job_ahead():
+    """Staged shards wait for a slow disk or store in bounded number: submitting job k returns once job k-1 is
+    done, so the caller stages k+1 while k publishes, never further ahead."""
+    import threading
+
+    from pipeline.output.publish import Publisher
+
+    release, submitted = threading.Event(), []
+
+    def slow():
+        assert release.wait(timeout=20)
+
+    with Publisher() as publisher:
+        def caller():
+            publisher.submit(slow, lambda: None)
+            submitted.append(1)
+            publisher.submit(lambda: None, lambda: None)
+            submitted.append(2)
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        thread.join(timeout=1)
+        assert submitted == [1]  # job 2 is queued, but its submit waits behind the slow job 1
+        release.set()
+        thread.join()
+    assert submitted == [1, 2]

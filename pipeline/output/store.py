@@ -6,18 +6,17 @@ never collide. The tar goes first and the index last; the index is the commit ma
 its index is an orphan from a crash and is quarantined at start-up (pipeline.output.integrity; nothing is ever
 deleted). The layout folders are created only in an output stylegen made (pipeline.output.ownership). Locally each
 file is staged in ``OUTPUT/_tmp``, fsynced and renamed into place; on S3 a file is uploaded whole (one PUT
-or a completed multipart upload), which is never visible half-written.
+or a completed multipart upload), which is never visible half-written. :func:`commit_rows` stages a shard while the
+previous one is published in the background (pipeline.output.publish), in the same order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
-import tarfile
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable
@@ -28,13 +27,12 @@ import pyarrow.parquet as pq
 
 from pipeline.config import OutputConfig
 from pipeline.io.fs import StoreReadError, get_fs, is_remote, is_transient, open_store_file, retry_transient
-from pipeline.io.members import check_output_member
 from pipeline.output.ownership import check_layout
+from pipeline.output.publish import Publisher
+from pipeline.output.tars import write_tar
 from pipeline.schema import INDEX_SCHEMA, SCORE_PREFIX, conform_index, index_field
 
 log = logging.getLogger(__name__)
-
-TAR_MTIME = 0  # fixed member times: the same samples always give the same tar bytes
 
 
 class OutputStore:
@@ -142,40 +140,81 @@ class OutputStore:
             if self.fsync:
                 _fsync_dir(os.path.dirname(final))
 
-    def _stage(self, suffix: str) -> str:
+    def _stage_path(self, suffix: str) -> str:
         directory = self.tmp if not self.remote else tempfile.gettempdir()
         return os.path.join(directory, f"{uuid.uuid4().hex}{suffix}")
 
-    def write_file(self, final: str, write: Callable[[str], None], suffix: str = "") -> int:
-        """Stage ``write(tmp)``, then publish it atomically as ``final``; return its size. A failed write names
-        its file and leaves no staged file behind (a full disk is not made fuller)."""
+    def stage(self, write: Callable[[str], None], suffix: str = "") -> tuple[str, int]:
+        """``write(tmp)`` into a new staged file; return its path and size. A failed write names its file and
+        leaves no staged file behind (a full disk is not made fuller)."""
         self._ensure_layout()
-        tmp = self._stage(suffix)
+        tmp = self._stage_path(suffix)
         try:
             with _named(tmp):
                 write(tmp)
-            size = os.path.getsize(tmp)
-            self._publish(tmp, final)
+            return tmp, os.path.getsize(tmp)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
+
+    def publish(self, staged: list[tuple[str, str]]) -> None:
+        """Publish staged files ``(tmp, final)`` in order, each made durable and visible before the next; on a
+        failure the rest stay unpublished (call :meth:`discard`)."""
+        for tmp, final in staged:
+            self._publish(tmp, final)
+
+    @staticmethod
+    def discard(staged: list[tuple[str, str]]) -> None:
+        """Remove staged files that were not published (those that were are gone from staging already)."""
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+    def write_file(self, final: str, write: Callable[[str], None], suffix: str = "") -> int:
+        """Stage ``write(tmp)``, then publish it atomically as ``final``; return its size. A failed write names
+        its file and leaves no staged file behind (a full disk is not made fuller)."""
+        tmp, size = self.stage(write, suffix)
+        try:
+            self._publish(tmp, final)
+        except BaseException:
+            self.discard([(tmp, final)])
+            raise
         return size
+
+    def stage_commit(self, name: str, samples: list[dict[str, bytes | str]], index: pa.Table,
+                     ) -> list[tuple[str, str]]:
+        """Stage the shard (if any sample is kept) and then its index, which records the shard's size; return
+        ``[(tmp, final)]`` in publication order: the tar first, the index (the commit marker) last."""
+        staged = []
+        try:
+            if samples:
+                def tar(tmp: str) -> None:
+                    with open(tmp, "wb") as f:
+                        write_tar(f, samples)
+
+                tmp, size = self.stage(tar, ".tar")
+                staged.append((tmp, f"{self.shards}/{name}.tar"))
+                if "shard_size" in index.column_names:
+                    sizes = [size if shard else None for shard in index.column("shard").to_pylist()]
+                    index = index.set_column(index.schema.get_field_index("shard_size"), "shard_size",
+                                             pa.array(sizes, pa.int64()))
+            tmp, _ = self.stage(lambda tmp: pq.write_table(index, tmp), ".parquet")
+            staged.append((tmp, f"{self.index}/{name}.parquet"))
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
 
     def commit(self, name: str, samples: list[dict[str, bytes | str]], index: pa.Table) -> None:
         """Write the shard (if any sample is kept) and then its index, each atomically; the index records the
         shard's size."""
-        if samples:
-            def tar(tmp: str) -> None:
-                with open(tmp, "wb") as f:
-                    write_tar(f, samples)
-
-            size = self.write_file(f"{self.shards}/{name}.tar", tar, ".tar")
-            if "shard_size" in index.column_names:
-                sizes = [size if shard else None for shard in index.column("shard").to_pylist()]
-                index = index.set_column(index.schema.get_field_index("shard_size"), "shard_size",
-                                         pa.array(sizes, pa.int64()))
-        self.write_file(f"{self.index}/{name}.parquet", lambda tmp: pq.write_table(index, tmp), ".parquet")
+        staged = self.stage_commit(name, samples, index)
+        try:
+            self.publish(staged)
+        except BaseException:
+            self.discard(staged)
+            raise
 
     def write_json(self, name: str, obj: Any) -> None:
         def dump(tmp: str) -> None:
@@ -286,28 +325,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_tar(fileobj: io.IOBase, samples: list[dict[str, bytes | str]]) -> None:
-    """WebDataset tar (members ``KEY.EXT``) with samples sorted by key and members by extension, fixed metadata.
-
-    Every name is ``<16 hex>.<portable ext>`` (``pipeline.io.members``): any other refuses the whole write with a
-    ValueError rather than put a foreign or unsafe name into an output. Members of one key are contiguous.
-
-    Written with the standard library rather than ``webdataset.TarWriter``: importing webdataset imports
-    torch, which costs every Ray write worker ~300 MB of memory for twenty lines of tar writing.
-    """
-    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in sorted(samples, key=lambda s: s["__key__"]):
-            key = sample["__key__"]
-            for ext in sorted(k for k in sample if k != "__key__"):
-                check_output_member(key, ext)
-                data = sample[ext]
-                data = data.encode("utf-8") if isinstance(data, str) else data
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-                info.uname = info.gname = "stylegen"
-                tar.addfile(info, io.BytesIO(data))
-
-
 def shard_name(keys: Iterable[str]) -> str:
     return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
@@ -315,11 +332,12 @@ def shard_name(keys: Iterable[str]) -> str:
 def to_sample(row: dict[str, Any], output: OutputConfig) -> dict[str, bytes | str]:
     """The tar members of a kept row: image, json metadata, prompt and optionally the inputs."""
     ext = "jpg" if output.image_format == "jpeg" else output.image_format
+    ids = stored_row({"content_id": row["content_id"], "style_id": row["style_id"]})  # no URL credential in an id
     meta = {
         "key": row["key"],
         "prompt": row["prompt"],
-        "content_id": stored_row({"content_id": row["content_id"]})["content_id"],  # no URL credential in an id
-        "style_id": stored_row({"style_id": row["style_id"]})["style_id"],
+        "content_id": ids["content_id"],
+        "style_id": ids["style_id"],
         "seed": row["seed"],
         "clip_content": row["clip_content"],
         "clip_style": row["clip_style"],
@@ -378,19 +396,27 @@ def commit_rows(store: OutputStore, rows: list[dict[str, Any]], output: OutputCo
                 ) -> dict[str, int]:
     """Split rows (in key order) into even shards of ``samples_per_shard`` to ``2*samples_per_shard - 1``
     rows (fewer only when fewer rows are left) and commit each. ``make_sample`` builds a kept row's tar
-    members (default :func:`to_sample`; ``stylegen filter`` copies the original members instead)."""
+    members (default :func:`to_sample`; ``stylegen filter`` copies the original members instead).
+
+    Shard k+1 is staged while shard k is published (fsynced and renamed, or uploaded) on a background thread, in
+    order (:class:`~pipeline.output.publish.Publisher`); every publication has ended when this returns, and the
+    first failure is raised with its file named, nothing after it published."""
     make_sample = make_sample or to_sample
     rows = sorted(rows, key=lambda r: r["key"])
     counts = {"kept": 0, "rejected": 0, "failed": 0, "shards": 0}
     n_chunks = max(1, len(rows) // output.samples_per_shard)
     bounds = [round(i * len(rows) / n_chunks) for i in range(n_chunks + 1)]
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
-        chunk = rows[lo:hi]
-        name = shard_name(r["key"] for r in chunk)
-        kept = [r for r in chunk if r["status"] == "kept"]
-        store.commit(name, [make_sample(r, output) for r in kept],
-                     index_rows(chunk, f"{name}.tar" if kept else None))
-        for r in chunk:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-        counts["shards"] += 1 if kept else 0
+    with Publisher() as publisher:
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            if publisher.failed:
+                break  # close() raises the failure
+            chunk = rows[lo:hi]
+            name = shard_name(r["key"] for r in chunk)
+            kept = [r for r in chunk if r["status"] == "kept"]
+            staged = store.stage_commit(name, [make_sample(r, output) for r in kept],
+                                        index_rows(chunk, f"{name}.tar" if kept else None))
+            publisher.submit(lambda staged=staged: store.publish(staged), lambda staged=staged: store.discard(staged))
+            for r in chunk:
+                counts[r["status"]] = counts.get(r["status"], 0) + 1
+            counts["shards"] += 1 if kept else 0
     return counts
