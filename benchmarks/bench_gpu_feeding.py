@@ -95,7 +95,9 @@ def measure(address: str | None, gpus: int, args) -> dict:
     cfg = config(root / "out", gpus, samples=args.samples, seconds=args.seconds,
                  operator=json.loads(args.operator) if args.operator else None, scoring=args.scoring)
     if address is None:
-        ray.init(address="local", num_cpus=4, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+        # 8 logical CPUs, as the two-node cluster declares in all (4 per node): a 4-GPU machine has many cores
+        # per GPU; 4 logical CPUs for 4 GPUs would leave decode and write tasks 2 slots beside the pools.
+        ray.init(address="local", num_cpus=8, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
     try:
@@ -135,9 +137,16 @@ def main() -> None:
         row(f"GPU feeding ({args.gpus} GPUs at {args.address})", measure(args.address, args.gpus, args),
             args.gpus, args)
         return
-    if args.cluster in (None, "one-node"):
+    if args.cluster is None:  # each row in its own process: Ray keeps the first session's auth token per process
+        import subprocess
+        import sys
+
+        for cluster in ("one-node", "two-node"):
+            subprocess.run([sys.executable, __file__, "--cluster", cluster, *sys.argv[1:]], check=True)
+        return
+    if args.cluster == "one-node":
         row("GPU feeding (1 node x 4 GPUs)", measure(None, 4, args), 4, args)
-    if args.cluster in (None, "two-node"):
+    if args.cluster == "two-node":
         from tests.cluster import local_cluster
 
         with local_cluster(nodes=2, gpus_per_node=2) as cluster:
