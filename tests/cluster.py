@@ -53,9 +53,13 @@ def _agent_ports() -> list[str]:
 
 
 @contextmanager
-def local_cluster(nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: int = 4, timeout: float = 120):
+def local_cluster(nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: int | tuple[int, ...] = 4,
+                  timeout: float = 120):
     """Yield ``{"address", "dashboard", "env", "tmp", "procs"}`` of a running cluster (``procs[i]``: node i's
-    ``ray start``, the head first); tear it down on exit."""
+    ``ray start``, the head first); tear it down on exit. ``cpus_per_node`` is one count for every node or one per
+    node, the head first (a test that needs an actor to land on a given node makes only that node big enough)."""
+    cpus = (cpus_per_node,) * nodes if isinstance(cpus_per_node, int) else tuple(cpus_per_node)
+    assert len(cpus) == nodes, "one CPU count per node"
     tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: unix socket paths are limited
     env = {
         **os.environ,
@@ -65,15 +69,15 @@ def local_cluster(nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: int = 4
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     gcs, dash = free_port(), free_port()
-    common = [f"--num-cpus={cpus_per_node}", f"--num-gpus={gpus_per_node}", "--node-ip-address=127.0.0.1",
-              "--disable-usage-stats"]
+    common = [f"--num-gpus={gpus_per_node}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     procs = [_start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
                      "--include-dashboard=true", f"--temp-dir={tmp}", f"--ray-client-server-port={free_port()}",
-                     *common, *_agent_ports()], env, tmp / "head.log")]
+                     f"--num-cpus={cpus[0]}", *common, *_agent_ports()], env, tmp / "head.log")]
     try:
         _wait_nodes(f"127.0.0.1:{gcs}", 1, env, timeout)
         for i in range(1, nodes):
-            procs.append(_start([f"--address=127.0.0.1:{gcs}", *common, *_agent_ports()], env, tmp / f"node{i}.log"))
+            procs.append(_start([f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus[i]}", *common, *_agent_ports()],
+                                env, tmp / f"node{i}.log"))
         _wait_nodes(f"127.0.0.1:{gcs}", nodes, env, timeout)
         yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "tmp": tmp,
                "procs": procs}

@@ -1,7 +1,7 @@
-"""A worker node lost mid-run on a real two-node cluster (1 logical GPU and 2 CPUs a node, stylize pool [1, 2]):
-the run finishes on the node left (Ray restarts the lost actors there), every planned key exactly once; with pools
-that cannot both fit on the node left, it stops after ``ray.stall_timeout_s`` with one line naming the lost node,
-and a rerun with the GPU pools' default num_cpus (0.25 an actor) finishes it."""
+"""A worker node lost mid-run on a real two-node cluster (1 logical GPU a node, stylize pool [1, 2]): the run
+finishes on the node left (Ray restarts the lost actors there), every planned key exactly once; when the lost
+node held a stylize actor that cannot fit on the node left, it stops after ``ray.stall_timeout_s`` with one line
+naming the lost node, and a rerun with the GPU pools' default num_cpus (0.25 an actor) finishes it."""
 
 from __future__ import annotations
 
@@ -66,6 +66,14 @@ def cluster(monkeypatch):
         yield cluster
 
 
+@pytest.fixture
+def big_worker(monkeypatch):
+    """A head of 2 CPUs and a worker of 4: a stylize actor of 2.5 CPUs lands on the worker and nowhere else."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    with local_cluster(nodes=2, gpus_per_node=1, cpus_per_node=(2, 4)) as cluster:
+        yield cluster
+
+
 def test_worker_node_lost_mid_run_the_run_finishes_on_the_node_left(tmp_path, cluster):
     out = tmp_path / "out"
     sets = _sets(out, "ray.stall_timeout_s=60")
@@ -75,11 +83,13 @@ def test_worker_node_lost_mid_run_the_run_finishes_on_the_node_left(tmp_path, cl
     check_invariants(str(out), _planned(sets))
 
 
-def test_pools_holding_every_cpu_left_stop_with_one_line_and_a_rerun_finishes(tmp_path, cluster):
-    out = tmp_path / "out"
-    # A stylize actor (1.5 CPUs) and a score actor (1 CPU) never share a 2-CPU node: whichever node is left, the
-    # pool that lived on the lost one cannot come back, and nothing progresses.
-    sets = _sets(out, "operator.num_cpus=1.5", "scoring.num_cpus=1", "ray.stall_timeout_s=30")
+def test_a_lost_stylize_actor_that_fits_nowhere_left_stops_with_one_line_and_a_rerun_finishes(tmp_path, big_worker):
+    cluster, out = big_worker, tmp_path / "out"
+    # The stylize actor (2.5 CPUs) can only live on the worker, so losing the worker loses it, and the 2-CPU head
+    # cannot take it back: nothing progresses. (The score actor, 1 CPU, may live on either node; the head keeps a
+    # CPU free for tasks either way.) Were the stylize actor on the node left, it would finish its inputs, give
+    # its CPUs back, and the score pool would come back: the run would rightly finish.
+    sets = _sets(out, "operator.num_cpus=2.5", "scoring.num_cpus=1", "ray.stall_timeout_s=30")
     stalled = _run_losing_the_worker(cluster, out, sets)
     errors = [ln for ln in stalled.stderr.splitlines() if ln.startswith("error: ")]
     assert stalled.returncode == 1 and len(errors) == 1, stalled.stdout[-3000:] + stalled.stderr[-3000:]
