@@ -44,13 +44,12 @@ def _load(config: Path, overrides: list[str] | None, schema=None):
 
 def _os_error(exc: BaseException) -> OSError | None:
     """The OSError at the root of ``exc`` (Ray wraps a task's exception as ``.cause``), if there is one."""
-    seen = set()
+    from pipeline.errors import exception_chain
+
     found = None
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and (exc.errno is not None or exc.filename):
-            found = exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    for err in exception_chain(exc):
+        if isinstance(err, OSError) and (err.errno is not None or err.filename):
+            found = err
     return found
 
 

@@ -5,7 +5,8 @@ Layers, each importing only from the layers above it in this list (``tests/test_
 - bottom, no stylegen imports of their own beyond each other:
   :mod:`~pipeline.config` (every YAML schema: ``RunConfig`` for ``run``, ``FilterRunConfig`` for ``filter``),
   :mod:`~pipeline.schema` (the Arrow schemas and status names), :mod:`~pipeline.redact` (secrets out of every
-  line), :mod:`~pipeline.score_rules` (the head-score rule both commands apply);
+  line), :mod:`~pipeline.score_rules` (the head-score rule both commands apply), :mod:`~pipeline.errors` (an
+  exception's cause chain, as Ray wraps it);
 - :mod:`pipeline.io`: reading what users name (URLs and file systems, images, tar offsets, member names,
   captions, sources);
 - :mod:`pipeline.output`: what stylegen writes and owns (the store and its commit protocol, the Ray sinks, the

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeline.config import RayConfig
+from pipeline.errors import exception_chain
 from pipeline.io.sources import SourceError
 from pipeline.redact import REDACTED, SECRET_ENV, apply_secret_env, register_secrets, restore_env, secret_env
 
@@ -124,12 +125,9 @@ class WorkerSourceError(SourceError):
 
 def source_error_in(exc: BaseException) -> SourceError | None:
     """The SourceError a Ray failure carries (its cause chain), as a plain SourceError for the CLI."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, WorkerSourceError) and isinstance(getattr(exc, "message", None), str):
-            return SourceError(exc.message)
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # Ray keeps it as .cause
+    for err in exception_chain(exc):
+        if isinstance(err, WorkerSourceError) and isinstance(getattr(err, "message", None), str):
+            return SourceError(err.message)
     return None
 
 

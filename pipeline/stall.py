@@ -15,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from pipeline.errors import exception_chain
+
 log = logging.getLogger(__name__)
 
 TASK_CPUS = 1.0  # what one decode or write task asks Ray for (Ray Data's default)
@@ -81,13 +83,7 @@ def timeout_in(exc: BaseException | None) -> BaseException | None:
     """Ray Data's ExecutionTimeoutError in ``exc`` or its cause chain."""
     from ray.data.exceptions import ExecutionTimeoutError
 
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, ExecutionTimeoutError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
+    return next((err for err in exception_chain(exc) if isinstance(err, ExecutionTimeoutError)), None)
 
 
 class StallWatch:

@@ -14,7 +14,7 @@ PACKAGES = ("jobs", "pipeline", "operators")
 
 # pipeline's layers, bottom first: a module may import its own layer's modules (without a cycle) and those below.
 PIPELINE_LAYERS = [
-    {"pipeline.config", "pipeline.schema", "pipeline.redact", "pipeline.score_rules"},
+    {"pipeline.config", "pipeline.schema", "pipeline.redact", "pipeline.score_rules", "pipeline.errors"},
     {"pipeline.io"},
     {"pipeline.output"},
     {"pipeline.session", "pipeline.stall"},

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any
 
 from pipeline.config import FailuresConfig
+from pipeline.errors import exception_chain
 
 # Messages of CUDA, cuBLAS, cuDNN and NCCL errors after which the process's CUDA context is unusable: CUDA errors
 # are "sticky", so every later kernel launch on the process fails with the same error and only a fresh process
@@ -43,20 +44,11 @@ DEVICE_ERRORS = (
 DEVICE_EXIT = "stylegen: device unusable: "
 
 
-def _chain(exc: BaseException | None):
-    """``exc`` and what it wraps (Ray keeps a task's exception as ``.cause``), each once."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-
-
 def out_of_memory(exc: BaseException) -> bool:
     """A torch out-of-memory error (the class exists on CPU builds too; torch is imported only to check)."""
     import torch
 
-    return any(isinstance(e, torch.cuda.OutOfMemoryError) for e in _chain(exc))
+    return any(isinstance(e, torch.cuda.OutOfMemoryError) for e in exception_chain(exc))
 
 
 def free_device_memory() -> None:
@@ -69,7 +61,7 @@ def free_device_memory() -> None:
 
 def device_unusable(exc: BaseException) -> str | None:
     """The error text when ``exc`` leaves the device unusable (:data:`DEVICE_ERRORS`), else None."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         text = str(e)
         lowered = text.lower()
         if any(marker.lower() in lowered for marker in DEVICE_ERRORS):
@@ -144,11 +136,11 @@ class RunStopped(RuntimeError):
 def stop_reason(exc: BaseException, max_restarts: int) -> RunStopped | None:
     """The :class:`RunStopped` for what stopped a run's dataset, when it was a failure storm or a device that
     kept dying; None for anything else."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, SystemicFailure):
             return RunStopped(f"stopped: operator failures look systematic: {e.failed} of the last {e.seen} samples "
                               f"on one stylize actor failed with {e.reason!r} (operator.failures)", True)
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         text = str(e)
         at = text.find(DEVICE_EXIT)
         if at >= 0:

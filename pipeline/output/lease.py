@@ -33,6 +33,7 @@ from typing import Any
 
 from fsspec.asyn import sync
 
+from pipeline.errors import exception_chain
 from pipeline.io.fs import file_kind, get_fs, is_remote
 
 log = logging.getLogger(__name__)
@@ -255,9 +256,7 @@ def precondition_failed(exc: Exception) -> bool:
     """A conditional write refused by the store: error code ``PreconditionFailed`` (or a conflicting
     concurrent conditional write), HTTP 412/409. s3fs turns botocore's ClientError into OSError subclasses and
     keeps it as the cause; the code is read from there, never from the message text."""
-    for err in (exc, exc.__cause__, exc.__context__):
-        if err is None:
-            continue
+    for err in exception_chain(exc):
         response = getattr(err, "response", None) or {}
         code = str(response.get("Error", {}).get("Code", ""))
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
