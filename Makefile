@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[test]"
 	touch $(STAMP)
 
+# The demo ends by writing the HTML report of what it made and printing its path (after the summary)
 demo: install
 	$(VENV)/bin/stylegen run configs/demo.yaml
+	$(VENV)/bin/stylegen report out/demo
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -29,6 +29,8 @@ DEPENDS: dict[str, list[str]] = {
     "bench_clip.py": ["operators/clip_score.py", "pipeline/filter/embed.py", "pipeline/io/tar_index.py",
                       "pipeline/io/images.py"],
     "bench_dedup_scale.py": ["pipeline/filter/dedup.py"],
+    "bench_demo.py": ["pipeline", "jobs/cli.py", "jobs/console.py", "operators/color_transfer.py",
+                      "operators/clip_score.py", "configs/demo.yaml"],
     "bench_filter_scale.py": ["pipeline/filter", "pipeline/session.py", "pipeline/output/record.py",
                               "pipeline/output/resume.py", "pipeline/output/store.py", "pipeline/output/sink.py",
                               "pipeline/output/tars.py", "pipeline/output/publish.py", "operators/clip_score.py"],

@@ -68,20 +68,6 @@ def _unexpected(exc: Exception, debug: bool, output: str = "") -> None:
     _fail(f"run failed: {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)", code=1)
 
 
-def _errors_to_log_only(quiet: bool = False) -> None:
-    """Ray Data prints a failed task's tracebacks to stderr (and to its log file in the Ray session folder);
-    the CLI prints the one line that matters, so keep the tracebacks in the log file only. With ``--quiet`` its
-    INFO lines (datasets started and finished) stay in the log file too."""
-    import ray.data  # noqa: F401  (configures the ray.data loggers, which we then adjust)
-
-    def for_console(record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR and (not quiet or record.levelno >= logging.WARNING)
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.addFilter(for_console)
-
-
 class Stopped(BaseException):
     """SIGTERM or SIGINT: unwinds the run (Ray shut down, lease released) like KeyboardInterrupt does."""
 
@@ -146,14 +132,25 @@ def validate(config: Path, set_: SetOpt = None) -> None:
 
 
 AddressArg = Annotated[str | None, typer.Option(help="Ray address; default: embedded local Ray")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print the summary line alone (errors still on stderr)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object (for scripts)")]
 DebugOpt = Annotated[bool, typer.Option(help="Show tracebacks")]
 
 
+def _summary_json(summary) -> str:
+    import dataclasses
+    import json
+
+    return json.dumps(dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else vars(summary),
+                      sort_keys=True, default=str)
+
+
 def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bool,
-             retry_failed: str | None = None, writes: bool = True) -> None:
-    """Shared by `run` and `filter`: logging, the output check, the writer lease, one-line errors, a clean stop
-    on SIGTERM/SIGINT (exit 143/130), the summary line."""
+             retry_failed: str | None = None, writes: bool = True, as_json: bool = False) -> None:
+    """Shared by `run`, `plan` and `filter`: the console (jobs/console.py), the output check, the writer lease,
+    one-line errors, a clean stop on SIGTERM/SIGINT (exit 143/130), the summary last (one JSON object with
+    ``--json``)."""
+    from jobs.console import CoreLinesOff, setup_logging
     from pipeline.config import ConfigError
     from pipeline.generate.failures import RunStopped
     from pipeline.io.sources import SourceError, check_output
@@ -162,18 +159,14 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
     from pipeline.output.store import StoreUnavailable
     from pipeline.stall import Stalled
 
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not debug:  # "Found credentials in environment variables" before an error would break its one line
-        for name in ("botocore", "aiobotocore", "s3fs"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        _errors_to_log_only(quiet)
+    setup_logging(quiet, debug)
     _stop_cleanly()
     try:
         if writes:
             check_owned(cfg.output.path)  # before the S3 write probe: a folder stylegen did not make stays untouched
             check_output(cfg.output.path)
-        summary = job(cfg, address=address, quiet=quiet, retry_failed=retry_failed)
+        with contextlib.nullcontext() if debug else CoreLinesOff():
+            summary = job(cfg, address=address, quiet=quiet, retry_failed=retry_failed)
     except (SourceError, ConfigError) as exc:
         if debug:
             raise
@@ -193,7 +186,7 @@ def _execute(config: Path, cfg, job, address: str | None, quiet: bool, debug: bo
         if _RECEIVED and not debug:
             _stopped(_RECEIVED[0])
         _unexpected(exc, debug, cfg.output.path)
-    typer.echo(summary.line())
+    typer.echo(_summary_json(summary) if as_json else summary.line())
 
 
 def optional_values(args: list[str], bare: dict[str, str], choices: dict[str, tuple[str, ...]],
@@ -262,18 +255,20 @@ def _retry(retry_failed: str | None, retry_reason: str | None) -> str | None:
 
 @app.command(cls=RetryCommand)
 def run(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
-        debug: DebugOpt = False, retry_failed: RetryOpt = None, retry_reason: RetryReasonOpt = None) -> None:
+        debug: DebugOpt = False, retry_failed: RetryOpt = None, retry_reason: RetryReasonOpt = None,
+        json_: JsonOpt = False) -> None:
     """Run (or resume) a generation job."""
     from pipeline.generate.run import run as run_job
 
-    _execute(config, _load(config, set_), run_job, address, quiet, debug, _retry(retry_failed, retry_reason))
+    _execute(config, _load(config, set_), run_job, address, quiet, debug, _retry(retry_failed, retry_reason),
+             as_json=json_)
 
 
 @app.command("plan")
 def plan_cmd(config: Path, set_: SetOpt = None, address: AddressArg = None,
              out: Annotated[str | None, typer.Option(help="Write the plan as parquet under this new folder "
                                                           "(local or s3://)")] = None,
-             quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
+             quiet: QuietOpt = False, debug: DebugOpt = False, json_: JsonOpt = False) -> None:
     """Build the plan on Ray and print planned=N todo=M (todo: not yet in the output's index); writes nothing
     under the output."""
     import functools
@@ -281,18 +276,19 @@ def plan_cmd(config: Path, set_: SetOpt = None, address: AddressArg = None,
     from pipeline.generate.run import plan_only
 
     _execute(config, _load(config, set_), functools.partial(plan_only, out=out), address, quiet, debug,
-             writes=False)
+             writes=False, as_json=json_)
 
 
 @app.command("filter", cls=RetryCommand)
 def filter_(config: Path, set_: SetOpt = None, address: AddressArg = None, quiet: QuietOpt = False,
-            debug: DebugOpt = False, retry_failed: RetryOpt = None, retry_reason: RetryReasonOpt = None) -> None:
+            debug: DebugOpt = False, retry_failed: RetryOpt = None, retry_reason: RetryReasonOpt = None,
+            json_: JsonOpt = False) -> None:
     """CLIP quality filtering of existing WebDataset shards (run or resume)."""
     from pipeline.config import FilterRunConfig
     from pipeline.filter.run import curate
 
     _execute(config, _load(config, set_, schema=FilterRunConfig), curate, address, quiet, debug,
-             _retry(retry_failed, retry_reason))
+             _retry(retry_failed, retry_reason), as_json=json_)
 
 
 @app.command()
@@ -419,14 +415,51 @@ def submit(
                 raise typer.Exit(1)
 
 
+def _is_output(target: str) -> bool:
+    """An output path or URL, not a Ray job id (job ids have neither a "/" nor a "://")."""
+    return "://" in target or "/" in target or os.path.exists(target)
+
+
 @app.command()
-def status(job_id: str, address: AddressOpt, debug: DebugOpt = False) -> None:
-    """Show a job's status."""
+def status(job_id: Annotated[str, typer.Argument(metavar="JOB_OR_OUTPUT",
+                                                 help="A submitted job's id, or an output path or s3:// URL")],
+           address: Annotated[str | None, typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265 (for a "
+                                                         "job)")] = None,
+           debug: DebugOpt = False, json_: JsonOpt = False) -> None:
+    """How far a job is: a submitted job's state, or an output's counts, rate and ETA (read from its files, without
+    taking its lease: a local run in another terminal, a job's output, an S3 output)."""
+    if _is_output(job_id):
+        import json
+
+        from pipeline.io.fs import get_fs
+        from pipeline.review.status import output_status
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        fs, root = get_fs(job_id)
+        if not fs.exists(root):
+            _fail(f"{job_id}: not found")
+        found = output_status(job_id)
+        typer.echo(json.dumps(found.__dict__, sort_keys=True, default=str) if json_ else found.line())
+        return
+    if not address:
+        _fail(f"{job_id}: a job's status needs --address (the Ray dashboard); an output's needs its path or URL")
     with _jobs_api(address, debug):
         from jobs import submit as jobs
 
         info = jobs.status(address, job_id)
     typer.echo(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+    if info.get("output"):  # how far: from the job's output, when this machine can read it (s3://, shared disk)
+        from pipeline.io.fs import get_fs
+        from pipeline.review.status import output_status
+
+        try:
+            fs, root = get_fs(info["output"])
+            if fs.exists(root):
+                typer.echo(output_status(info["output"]).line())
+                return
+        except Exception as exc:  # the job's state above is the answer; its output is a bonus
+            logging.getLogger(__name__).debug("status of %s: %s", info["output"], exc)
+        typer.echo(f"{info['output']}: not readable from this machine (`stylegen status OUTPUT` where it is)")
 
 
 @app.command()

@@ -245,8 +245,9 @@ def _status_or_none(jobs, sub_id: str) -> str | None:
 
 def status(address: str, job_id: str) -> dict:
     info = client(address).get_job_info(job_id)
+    output = (info.metadata or {}).get("output") if (info.metadata or {}).get("tool") == "stylegen" else None
     return {"job_id": job_id, "status": str(info.status.value), "message": info.message,
-            "entrypoint": info.entrypoint}
+            "entrypoint": info.entrypoint, "output": output if isinstance(output, str) else None}
 
 
 def logs(address: str, job_id: str) -> str:

@@ -100,9 +100,17 @@ def test_validate_reports_plan_size():
     assert "planned=12" in proc.stdout
 
 
+# What Ray itself prints when it reaches the console: its Python loggers ("INFO worker.py:2038 -- ..."), Ray Data's
+# dataset blocks, the C++ core's glog lines, worker output forwarded as "(pid=...)", and the notices named in issue 30.
+RAY_LINE = re.compile(r"\.py:\d+ -- |\] \w+\.cc:\d+|\(raylet\)|\bpid=\d+\)|Running Dataset|Total Progress|"
+                      r"Started a local Ray|Token authentication|No pretrained weights|Execution plan")
+
+
 @pytest.mark.slow
 def test_demo_runs_reads_back_and_resumes(tmp_path, ray_local):
-    """The demo config exactly as `make demo` runs it, only with the output moved to a temp dir."""
+    """The demo config exactly as `make demo` runs it, only with the output moved to a temp dir; its console, piped
+    (stderr and stdout in one stream, as CI and job logs see it): a few lines of stylegen's own, none of Ray's, a
+    count, and the summary last."""
     import webdataset as wds
 
     from pipeline.config import load_config
@@ -110,10 +118,18 @@ def test_demo_runs_reads_back_and_resumes(tmp_path, ray_local):
     from tests.invariants import check_invariants
 
     out = tmp_path / "demo"
-    args = ["run", "configs/demo.yaml", "--set", f"output.path={out}", "--quiet"]
-    first = stylegen(*args)
-    assert first.returncode == 0, first.stderr[-3000:]
-    match = SUMMARY.match(first.stdout.strip().splitlines()[-1])
+    args = ["run", "configs/demo.yaml", "--set", f"output.path={out}"]
+    first = subprocess.run([*STYLEGEN, *args], cwd=REPO, env={**os.environ, "STYLEGEN_PROGRESS_S": "2"},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    lines = first.stdout.strip().splitlines()
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert len(lines) <= 20 and not [ln for ln in lines if RAY_LINE.search(ln)], first.stdout
+    assert "\r" not in first.stdout, "piped: plain lines, no bar redrawn in place"
+    assert lines.count("warning: CLIP weights are random (clip_pretrained: none or a tiny model): scores are "
+                       "meaningless") == 1, first.stdout
+    assert any(re.match(r"progress: written \d+/12 ", ln) for ln in lines), first.stdout
+    assert lines[-2].startswith("progress: written 12/12 (100.0%)"), first.stdout
+    match = SUMMARY.match(lines[-1])
     assert match, first.stdout
     planned, kept, rejected, failed, skipped = map(int, match.groups())
     assert (planned, skipped) == (12, 0) and kept > 0 and kept + rejected + failed == 12
@@ -126,9 +142,9 @@ def test_demo_runs_reads_back_and_resumes(tmp_path, ray_local):
     assert sorted(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)) == kept_keys
     assert sorted(r["__key__"] for r in ray_local.data.read_webdataset(tars, decoder=None).take_all()) == kept_keys
 
-    second = stylegen(*args)
+    second = stylegen(*args, "--quiet")  # the summary alone, nothing on stderr
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.strip().splitlines()[-1] == "planned=12 kept=0 rejected=0 failed=0 skipped=12"
+    assert (second.stdout, second.stderr) == ("planned=12 kept=0 rejected=0 failed=0 skipped=12\n", "")
 
 
 def test_models_tiny_clip_writes_loadable_model(tmp_path):

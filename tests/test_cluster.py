@@ -62,6 +62,7 @@ def test_submit_wait_on_two_node_cluster_uses_both_gpus(tmp_path):
         assert again.returncode == 0 and f"already submitted: {job_id}" in again.stdout, again.stdout + again.stderr
         status = stylegen("status", job_id, "--address", cluster["dashboard"], env=env)
         assert f"{job_id}: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+        assert f"{out}: finished at " in status.stdout and "holds 18/18 (kept=18 " in status.stdout, status.stdout
         job_logs = stylegen("logs", job_id, "--address", cluster["dashboard"], env=env)
         assert "planned=18" in job_logs.stdout
         stopped = stylegen("stop", job_id, "--address", cluster["dashboard"], env=env)

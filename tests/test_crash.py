@@ -28,9 +28,10 @@ def _sets(out: Path, samples: Path) -> list[str]:
             "operator.batch_size=1", "decode.max_side=96", "scoring.clip_model=tiny:clip", "scoring.batch_size=3"]
 
 
-def start_run(sets: list[str], env: dict | None = None, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+def start_run(sets: list[str], env: dict | None = None, stderr=subprocess.DEVNULL,
+              quiet: bool = True) -> subprocess.Popen:
     """``stylegen run configs/demo.yaml --quiet`` with ``--set`` overrides, in its own process group."""
-    args = [sys.executable, "-m", "jobs.cli", "run", "configs/demo.yaml", "--quiet"]
+    args = [sys.executable, "-m", "jobs.cli", "run", "configs/demo.yaml", *(["--quiet"] if quiet else [])]
     for s in sets:
         args += ["--set", s]
     return subprocess.Popen(args, cwd=REPO, env={**os.environ, **(env or {})}, start_new_session=True,

@@ -188,7 +188,7 @@ def test_cli_environment_errors_exit_2_with_one_line(s3_env, tmp_path):
 
 @pytest.mark.s3
 def test_cli_run_on_s3_leaks_no_credentials(s3_env, tmp_path):
-    """A real CLI run (not quiet: driver and worker logs on stderr) with a distinctive secret in the
+    """A real CLI run (--debug: driver, Ray and worker logs all on stderr) with a distinctive secret in the
     environment: the secret appears in no log line, run.json, index or shard; broken inputs fail alone."""
     fs, bucket = s3_env["fs"], s3_env["bucket"]
     secret = f"SeCrEt-{uuid.uuid4().hex}"
@@ -203,7 +203,7 @@ def test_cli_run_on_s3_leaks_no_credentials(s3_env, tmp_path):
     env = {**s3_env["env"], "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": key_id}
     proc = stylegen("run", "configs/demo.yaml", "--set", f"output.path={out}", "--set", f"content.images={content}",
                     "--set", f"style.images=s3://{bucket}/style/", "--set", "scoring.clip_model=tiny:clip",
-                    "--set", "pairing.styles_per_content=1", env=env)
+                    "--set", "pairing.styles_per_content=1", "--debug", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "planned=2 kept=1 rejected=0 failed=1 skipped=0"
     assert "INFO" in proc.stderr  # logs were on, so the check below means something

@@ -87,6 +87,10 @@ def test_run_with_s3_input_and_output(s3_env, samples, tmp_path):
     again = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.stdout.strip().splitlines()[-1] == "planned=8 kept=0 rejected=0 failed=0 skipped=8"
+    status = subprocess.run([sys.executable, "-m", "jobs.cli", "status", out], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and status.stdout.startswith(f"{out}: finished at "), status.stdout + status.stderr
+    assert "holds 8/8 (kept=8 rejected=0 failed=0)" in status.stdout, status.stdout
 
 
 def _rows(n: int) -> list[dict]:

@@ -28,7 +28,8 @@ from pipeline.filter.write import copy_members
 from pipeline.output.integrity import failed_mask, open_output, quarantine_unreadable, supersede
 from pipeline.output.lease import Lease, LeaseHeld
 from pipeline.output.ownership import check_overlap, check_owned, claim
-from pipeline.output.record import RunSummary, run_record, tally
+from pipeline.output.progress import ProgressReporter
+from pipeline.output.record import RunSummary, run_record, scores_note, tally
 from pipeline.output.resume import todo_dataset
 from pipeline.output.sink import ShardDatasink, TableDatasink
 from pipeline.output.store import OutputStore
@@ -55,6 +56,8 @@ def curate(cfg: FilterRunConfig, *, address: str | None = None, quiet: bool = Fa
     lease = Lease(cfg.output.path, ttl_s=cfg.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
     jobs = list_inputs(cfg)
+    if note := scores_note(cfg):
+        log.warning(note)
     with ray_session(address, cfg.ray, quiet=quiet):
         # Indexed once into the object store (the driver holds block references): an input error exits before
         # anything is created under the output, and the four passes below read the listing, not the tars.
@@ -119,26 +122,35 @@ def _curate(cfg: FilterRunConfig, plan: Dataset, *, quiet: bool, retry_failed: s
     n_todo = todo_dataset(plan, store, before, out.samples_per_shard).count() if before else planned
     summary = RunSummary(planned=planned, skipped=planned - n_todo, **opened)
     removed: dict[str, int] | None = None  # by rule, over the whole pool; None when nothing was decided
-    if n_embed:
-        if emb_held is not None:
-            raise emb_held
-        emb_store.write_json("_model.json", {"clip": model_id})
-        ds = to_embed.repartition(target_num_rows_per_block=sc.batch_size).map_batches(
-            Embedder, batch_format="pyarrow", batch_size=sc.batch_size,
-            compute=ActorPoolStrategy(min_size=sc.actors[0], max_size=sc.actors[1]),
-            fn_constructor_kwargs={"scoring": sc.model_dump(), "decode": cfg.decode.model_dump()},
-            num_cpus=sc.num_cpus, **gpu_args(sc.num_gpus))
-        guard(ds, cfg.ray.stall_timeout_s)
-        with StallWatch(cfg.ray.stall_timeout_s, [Pool("scoring", sc.num_cpus, sc.num_gpus, sc.actors)]):
-            ds.write_datasink(TableDatasink(cfg.embeddings_path(), out.fsync, EMB_SCHEMA))
-    summary.timings["embed_s"] = round(time.time() - started, 3)
-    if n_todo:
-        decided = decisions_dataset(plan, planned, emb_store, cfg.filter.model_dump(),
-                                    sc.heads_dump()).materialize()
-        removed = removed_by(decided)
-        todo = todo_dataset(decided, store, before, out.samples_per_shard)
-        todo.repartition(target_num_rows_per_block=out.samples_per_shard).write_datasink(
-            ShardDatasink(out.model_dump(), make_sample=copy_members))
+    # Counted and recorded for `stylegen status OUTPUT` (index rows: 0 while embedding), shown unless quiet.
+    progress = ProgressReporter(store, n_todo, display=None if quiet else "auto", command="filter",
+                                total=planned).start() if n_todo else None
+    state = "stopped"
+    try:
+        if n_embed:
+            if emb_held is not None:
+                raise emb_held
+            emb_store.write_json("_model.json", {"clip": model_id})
+            ds = to_embed.repartition(target_num_rows_per_block=sc.batch_size).map_batches(
+                Embedder, batch_format="pyarrow", batch_size=sc.batch_size,
+                compute=ActorPoolStrategy(min_size=sc.actors[0], max_size=sc.actors[1]),
+                fn_constructor_kwargs={"scoring": sc.model_dump(), "decode": cfg.decode.model_dump()},
+                num_cpus=sc.num_cpus, **gpu_args(sc.num_gpus))
+            guard(ds, cfg.ray.stall_timeout_s)
+            with StallWatch(cfg.ray.stall_timeout_s, [Pool("scoring", sc.num_cpus, sc.num_gpus, sc.actors)]):
+                ds.write_datasink(TableDatasink(cfg.embeddings_path(), out.fsync, EMB_SCHEMA))
+        summary.timings["embed_s"] = round(time.time() - started, 3)
+        if n_todo:
+            decided = decisions_dataset(plan, planned, emb_store, cfg.filter.model_dump(),
+                                        sc.heads_dump()).materialize()
+            removed = removed_by(decided)
+            todo = todo_dataset(decided, store, before, out.samples_per_shard)
+            todo.repartition(target_num_rows_per_block=out.samples_per_shard).write_datasink(
+                ShardDatasink(out.model_dump(), make_sample=copy_members))
+        state = "finished"
+    finally:
+        if progress is not None:
+            progress.stop(state)
     dataset = tally(cfg, store, summary, set(before), n_todo, plan)
     summary.timings["total_s"] = round(time.time() - started, 3)
     store.write_json("run.json", run_record(

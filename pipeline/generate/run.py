@@ -20,7 +20,7 @@ from pipeline.output.integrity import open_output
 from pipeline.output.lease import Lease
 from pipeline.output.ownership import check_overlap, check_owned, claim
 from pipeline.output.progress import ProgressReporter
-from pipeline.output.record import RunSummary, package_versions, run_record, tally
+from pipeline.output.record import RunSummary, package_versions, run_record, scores_note, tally
 from pipeline.output.resume import todo_dataset
 from pipeline.output.sink import ShardDatasink
 from pipeline.output.store import OutputStore
@@ -131,6 +131,8 @@ def run(config: RunConfig, *, address: str | None = None, quiet: bool = False,
     lease = Lease(config.output.path, ttl_s=config.output.lease_ttl_s)
     lease.check()  # a second writer is refused before it plans
     listing = list_sources(config)  # read-only: a source error exits before anything is created under the output
+    if note := scores_note(config):
+        log.warning(note)
     warn = functools.partial(cpu_threads_warning, config, os.cpu_count())
     with ray_session(address, config.ray, quiet=quiet, embedded_warning=warn):
         plan = plan_dataset(config, listing)
@@ -153,15 +155,17 @@ def _run(config: RunConfig, plan, started: float, *, quiet: bool, retry_failed: 
     if n_todo:
         write_card(store, {"config": public_config(config), "operator_hash": config.operator_hash(),
                            "versions": package_versions(), "dataset": {"planned": planned}}, in_progress=True)
-        progress = None if quiet else ProgressReporter(store, n_todo).start()
+        # Always counted and recorded (``stylegen status OUTPUT``); shown unless quiet.
+        progress = ProgressReporter(store, n_todo, display=None if quiet else "auto", total=planned).start()
+        state = "stopped"
         try:
             t0 = time.time()
             with StallWatch(config.ray.stall_timeout_s, stall_pools(config)):
                 execute(config, todo, quiet=quiet)
             summary.timings["execute_s"] = round(time.time() - t0, 3)
+            state = "finished"
         finally:
-            if progress is not None:
-                progress.stop()
+            progress.stop(state)
     dataset = tally(config, store, summary, set(before), n_todo, plan)
     summary.timings["total_s"] = round(time.time() - started, 3)
     record = run_record(config, summary, dataset, operator_hash=config.operator_hash())

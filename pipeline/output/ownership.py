@@ -34,9 +34,9 @@ from pipeline.io.sources import SourceError
 
 MARKER = ".stylegen"
 LAYOUT_DIRS = ("shards", "index", "_tmp", "_quarantine", "_superseded")
-LAYOUT_FILES = ("_lease",)
+LAYOUT_FILES = ("_lease", "_progress.json")
 # What an interrupted older stylegen leaves before its first file: an output holding only these is still empty.
-_EMPTY_LAYOUT = {"shards", "index", "_tmp", "_lease"}
+_EMPTY_LAYOUT = {"shards", "index", "_tmp", "_lease", "_progress.json"}
 # Index columns that identify an index file written by stylegen (any version).
 _INDEX_FIELDS = {"key", "status", "reason", "shard", "content_id", "style_id", "seed"}
 _SHOWN = 5  # entries named in a refusal

@@ -1,19 +1,22 @@
-"""Progress of a running job, as one log line every few seconds.
+"""Progress of a running job: one display on the console, and ``_progress.json`` in the output for
+``stylegen status OUTPUT`` (another terminal, another machine, an S3 output).
 
 The driver cannot see inside Ray Data's actors cheaply, but the committed index files are the truth of what
 is done: a background thread counts the rows of index files that appeared since the run started (kept,
-rejected, failed), derives a rate over its last window and an ETA against this run's planned count, and logs
-one plain line. Plain log lines read the same in a terminal and in a Ray job's logs (no carriage returns).
-Ray Data's own per-operator progress bars (decode, stylize, score, write) come on top when not quiet.
+rejected, failed), derives a rate over its last window and an ETA against this run's planned count, and shows
+them. On a terminal that is one tqdm bar updated in place; piped (CI, a Ray job's logs) it is one plain line
+every few seconds, no carriage returns. ``_progress.json`` is rewritten on every tick whatever the console shows.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -22,12 +25,14 @@ from pipeline.output.store import OutputStore
 log = logging.getLogger(__name__)
 
 INTERVAL_ENV = "STYLEGEN_PROGRESS_S"
-DEFAULT_INTERVAL_S = 10.0
+DEFAULT_INTERVAL_S = 5.0
+BAR_INTERVAL_S = 1.0
 RATE_WINDOW_S = 60.0
+PROGRESS_FILE = "_progress.json"
 
 
 def interval_from_env(default: float = DEFAULT_INTERVAL_S) -> float:
-    """The reporting interval: ``$STYLEGEN_PROGRESS_S`` (seconds; 0 or less turns reporting off)."""
+    """The interval of the plain lines: ``$STYLEGEN_PROGRESS_S`` (seconds; 0 or less turns the display off)."""
     try:
         return float(os.environ.get(INTERVAL_ENV, default))
     except ValueError:
@@ -35,28 +40,61 @@ def interval_from_env(default: float = DEFAULT_INTERVAL_S) -> float:
         return default
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def index_statuses(store: OutputStore, path: str) -> list[str]:
+    """The status column of one committed index file. Read on this thread (``use_threads=False``): the files are
+    small, and a short-lived process that read parquet on Arrow's thread pool can abort at exit (``terminate called
+    without an active exception``, seen with ``stylegen status``)."""
+    with store.fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=["status"], use_threads=False).column("status").to_pylist()
+
+
+def progress_text(written: int, planned: int, counts: dict[str, int], rate: float | None,
+                  eta_s: float | None) -> str:
+    """``written W/P (x%) kept=K rejected=R failed=F | rate/s | ETA``: the same words in the plain lines and in
+    ``stylegen status``."""
+    pct = 100.0 * written / planned if planned else 100.0
+    eta = "0s" if written >= planned else (duration(eta_s) if eta_s is not None else "?")
+    rate_text = f"{rate:.2f} samples/s" if rate is not None else "? samples/s"
+    return (f"written {written}/{planned} ({pct:.1f}%) kept={counts.get('kept', 0)} "
+            f"rejected={counts.get('rejected', 0)} failed={counts.get('failed', 0)} | {rate_text} | ETA {eta}")
+
+
 class ProgressReporter:
-    """Counts this run's committed index rows and logs ``progress: ...`` lines from a daemon thread."""
+    """Counts this run's committed index rows from a daemon thread; shows them (``display``: "bar", "lines" or
+    None; default: a bar on a terminal, lines otherwise) and records them in ``_progress.json``."""
 
     def __init__(self, store: OutputStore, planned: int, interval_s: float | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, display: str | None = "auto", command: str = "run",
+                 total: int | None = None):
         self.store = store
         self.planned = planned
-        self.interval_s = interval_from_env() if interval_s is None else interval_s
+        self.command = command
+        self.total = planned if total is None else total  # the dataset's planned count (this run's + skipped)
+        lines_s = interval_from_env() if interval_s is None else interval_s
+        if display == "auto":
+            display = "bar" if sys.stderr.isatty() else "lines"
+        if lines_s <= 0:
+            display = None
+        self.display = display
+        self.interval_s = BAR_INTERVAL_S if display == "bar" else (lines_s if lines_s > 0 else DEFAULT_INTERVAL_S)
         self.clock = clock
         self.counts = {"kept": 0, "rejected": 0, "failed": 0}
         self._seen = set(store.index_files())  # committed before this run: not this run's progress
         self._started = clock()
+        self._started_at = time.time()
         self._history: deque[tuple[float, int]] = deque([(self._started, 0)])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._bar = None
+        self.rate: float | None = None
+        self.eta_s: float | None = None
 
     @property
     def written(self) -> int:
@@ -68,8 +106,7 @@ class ProgressReporter:
             if path in self._seen:
                 continue
             try:
-                with self.store.fs.open(path, "rb") as f:
-                    status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
+                status = index_statuses(self.store, path)
             except Exception as exc:  # progress must never break a run; the next poll tries again
                 log.debug("progress: cannot read %s yet: %s", path, exc)
                 continue
@@ -77,28 +114,57 @@ class ProgressReporter:
             for st in status:
                 self.counts[st] = self.counts.get(st, 0) + 1
 
-    def line(self) -> str:
-        """``progress: written W/P (x%) kept=K rejected=R failed=F | rate/s | ETA | elapsed``."""
+    def _measure(self) -> None:
         now = self.clock()
         written = self.written
         self._history.append((now, written))
         while len(self._history) > 2 and now - self._history[1][0] >= RATE_WINDOW_S:
             self._history.popleft()
         t0, w0 = self._history[0]
-        rate = (written - w0) / (now - t0) if now > t0 else 0.0
-        pct = 100.0 * written / self.planned if self.planned else 100.0
+        self.rate = (written - w0) / (now - t0) if now > t0 else 0.0
         left = max(0, self.planned - written)
-        eta = _duration(left / rate) if rate > 0 else ("0s" if left == 0 else "?")
-        c = self.counts
-        return (f"progress: written {written}/{self.planned} ({pct:.1f}%) kept={c.get('kept', 0)} "
-                f"rejected={c.get('rejected', 0)} failed={c.get('failed', 0)} | {rate:.2f} samples/s | "
-                f"ETA {eta} | elapsed {_duration(now - self._started)}")
+        self.eta_s = left / self.rate if self.rate > 0 else (0.0 if left == 0 else None)
 
-    def tick(self) -> str:
+    def line(self) -> str:
+        """``progress: written W/P (x%) kept=K rejected=R failed=F | rate/s | ETA | elapsed``."""
+        self._measure()
+        return (f"progress: {progress_text(self.written, self.planned, self.counts, self.rate, self.eta_s)} | "
+                f"elapsed {duration(self.clock() - self._started)}")
+
+    def record(self, state: str = "running") -> dict[str, Any]:
+        """What ``_progress.json`` holds: this run's counts, rate and ETA, and when they were taken."""
+        return {"command": self.command, "state": state, "pid": os.getpid(), "planned": self.planned,
+                "dataset_planned": self.total, "written": self.written, **self.counts, "rate": self.rate,
+                "eta_s": self.eta_s, "started_at": self._started_at, "updated_at": time.time()}
+
+    def tick(self, state: str = "running") -> str:
         self.poll()
         text = self.line()
-        log.info("%s", text)
+        if self.display == "lines":
+            log.info("%s", text)
+        elif self.display == "bar":
+            self._show_bar()
+        try:
+            self.store.write_json(PROGRESS_FILE, self.record(state))
+        except Exception as exc:  # a status file must never stop a run
+            log.debug("progress: cannot write %s: %s", PROGRESS_FILE, exc)
         return text
+
+    def _show_bar(self) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            try:  # a terminal that reports no width (some ptys) would get an empty bar
+                sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+            except (OSError, ValueError, AttributeError):
+                sized = False
+            self._bar = tqdm(total=self.planned, unit="sample", file=sys.stderr, desc=self.command, smoothing=0.1,
+                             **({"dynamic_ncols": True} if sized else {"ncols": 100}))
+        self._bar.n = self.written
+        c = self.counts
+        self._bar.set_postfix_str(f"kept={c.get('kept', 0)} rejected={c.get('rejected', 0)} "
+                                  f"failed={c.get('failed', 0)}", refresh=False)
+        self._bar.refresh()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -108,17 +174,25 @@ class ProgressReporter:
                 log.debug("progress poll failed: %s", exc)
 
     def start(self) -> ProgressReporter:
-        if self.interval_s > 0:
-            self._thread = threading.Thread(target=self._loop, name="stylegen-progress", daemon=True)
-            self._thread.start()
+        try:
+            self.store.write_json(PROGRESS_FILE, self.record())
+        except Exception as exc:
+            log.debug("progress: cannot write %s: %s", PROGRESS_FILE, exc)
+        if self.display == "bar":
+            self._show_bar()
+        self._thread = threading.Thread(target=self._loop, name="stylegen-progress", daemon=True)
+        self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop the thread and log the final line."""
+    def stop(self, state: str = "stopped") -> None:
+        """Stop the thread and show the final count (``state``: "finished" when the execution completed)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, 2 * self.interval_s))
-            try:
-                self.tick()
-            except Exception as exc:
-                log.debug("final progress poll failed: %s", exc)
+        try:
+            self.tick(state)
+        except Exception as exc:
+            log.debug("final progress poll failed: %s", exc)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -63,21 +63,30 @@ def tally(config: Any, store: OutputStore, summary: RunSummary, before: set[str]
     return {"planned": summary.planned, **totals, "complete": sum(totals.values()) == summary.planned}
 
 
+RANDOM_CLIP = "CLIP weights are random (clip_pretrained: none or a tiny model): scores are meaningless"
+
+
+def scores_note(config: Any) -> str | None:
+    """Why the scores of ``config`` mean nothing (random CLIP weights), or None: recorded in ``run.json`` and said
+    once on the console, in stylegen's words, instead of open_clip's line per actor."""
+    from operators.clip_score import resolve_clip
+
+    _, _, meaningful = resolve_clip(config.scoring.clip_model, config.scoring.clip_pretrained)
+    return None if meaningful else RANDOM_CLIP
+
+
 def run_record(config: Any, summary: RunSummary, dataset: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The ``run.json`` of a ``run`` or a ``filter`` (``extra``: what only that command records, e.g. its hash):
     the public config, package versions, this run's counts, the dataset totals, whether the scores mean anything,
     and when it finished."""
-    from operators.clip_score import resolve_clip
-
-    _, _, meaningful = resolve_clip(config.scoring.clip_model, config.scoring.clip_pretrained)
+    note = scores_note(config)
     return {
         "config": public_config(config),
         **extra,
         "versions": package_versions(),
         "this_run": asdict(summary),
         "dataset": dataset,
-        "scores_meaningful": meaningful,
-        "scores_note": None if meaningful else
-        "CLIP weights are random (clip_pretrained: none or a tiny model): scores are meaningless",
+        "scores_meaningful": note is None,
+        "scores_note": note,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
