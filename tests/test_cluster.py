@@ -76,20 +76,24 @@ def test_submit_wait_on_two_node_cluster_uses_both_gpus(tmp_path):
 
 def test_two_gpus_two_stylize_actors_on_distinct_gpu_ids(tmp_path):
     out = tmp_path / "out"
+    # Each stylize call holds its device for 2 s (12 samples: 24 s for one actor alone), so both actors get work
+    # even when one starts much later than the other on a loaded machine (a fast operator let the first actor
+    # ready take all 12 samples, and the test saw one GPU id).
+    sets = [f"output.path={out}", "operator.num_gpus=1", "operator.actors=[2,2]", "operator.batch_size=1",
+            "scoring.clip_model=tiny:clip", "operator.name=tests.plugin_ops:Hold",
+            "operator.params={seconds: 2.0, size: 32}"]
     script = textwrap.dedent(f"""
         import ray
         from pipeline.config import load_config
         from pipeline.generate.run import run
         ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
-        cfg = load_config("configs/demo.yaml", ["output.path={out}", "operator.num_gpus=1",
-                          "operator.actors=[2,2]", "operator.batch_size=1", "scoring.clip_model=tiny:clip"])
+        cfg = load_config("configs/demo.yaml", {sets!r})
         print(run(cfg, quiet=True).line())
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ})
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # the actors import tests.plugin_ops
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = check_invariants(str(out), _planned([f"output.path={out}", "operator.num_gpus=1", "operator.actors=[2,2]",
-                                                "operator.batch_size=1", "scoring.clip_model=tiny:clip"]))
+    rows = check_invariants(str(out), _planned(sets))
     by_pid: dict[int, str] = {}
     for r in rows:
         w = json.loads(r["meta"])["worker"]
