@@ -420,6 +420,14 @@ def _is_output(target: str) -> bool:
     return "://" in target or "/" in target or os.path.exists(target)
 
 
+def _exists(url: str) -> bool:
+    """Whether this machine can see the output at ``url`` (a local folder, a shared disk, s3://)."""
+    from pipeline.io.fs import get_fs
+
+    fs, root = get_fs(url)
+    return fs.exists(root)
+
+
 @app.command()
 def status(job_id: Annotated[str, typer.Argument(metavar="JOB_OR_OUTPUT",
                                                  help="A submitted job's id, or an output path or s3:// URL")],
@@ -431,12 +439,10 @@ def status(job_id: Annotated[str, typer.Argument(metavar="JOB_OR_OUTPUT",
     if _is_output(job_id):
         import json
 
-        from pipeline.io.fs import get_fs
         from pipeline.review.status import output_status
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        fs, root = get_fs(job_id)
-        if not fs.exists(root):
+        if not _exists(job_id):
             _fail(f"{job_id}: not found")
         found = output_status(job_id)
         typer.echo(json.dumps(found.__dict__, sort_keys=True, default=str) if json_ else found.line())
@@ -449,12 +455,10 @@ def status(job_id: Annotated[str, typer.Argument(metavar="JOB_OR_OUTPUT",
         info = jobs.status(address, job_id)
     typer.echo(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
     if info.get("output"):  # how far: from the job's output, when this machine can read it (s3://, shared disk)
-        from pipeline.io.fs import get_fs
         from pipeline.review.status import output_status
 
         try:
-            fs, root = get_fs(info["output"])
-            if fs.exists(root):
+            if _exists(info["output"]):
                 typer.echo(output_status(info["output"]).line())
                 return
         except Exception as exc:  # the job's state above is the answer; its output is a bonus

@@ -144,11 +144,14 @@ class ProgressReporter:
             log.info("%s", text)
         elif self.display == "bar":
             self._show_bar()
+        self._write(state)
+        return text
+
+    def _write(self, state: str) -> None:
         try:
             self.store.write_json(PROGRESS_FILE, self.record(state))
         except Exception as exc:  # a status file must never stop a run
             log.debug("progress: cannot write %s: %s", PROGRESS_FILE, exc)
-        return text
 
     def _show_bar(self) -> None:
         from tqdm import tqdm
@@ -174,10 +177,7 @@ class ProgressReporter:
                 log.debug("progress poll failed: %s", exc)
 
     def start(self) -> ProgressReporter:
-        try:
-            self.store.write_json(PROGRESS_FILE, self.record())
-        except Exception as exc:
-            log.debug("progress: cannot write %s: %s", PROGRESS_FILE, exc)
+        self._write("running")
         if self.display == "bar":
             self._show_bar()
         self._thread = threading.Thread(target=self._loop, name="stylegen-progress", daemon=True)
