@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pipeline.output.progress import ProgressReporter
 from pipeline.output.store import OutputStore, index_rows
 
@@ -40,3 +42,34 @@ def test_counts_rate_and_eta_from_committed_index_files(tmp_path):
     assert "written 20/20 (100.0%) kept=18" in line and "ETA 0s" in line and "1.00 samples/s" in line
 
 # The lines a real run logs are checked by tests/test_report.py::test_run_logged_progress.
+
+
+def test_piped_lines_repeat_an_unchanged_count_only_as_a_heartbeat(tmp_path, caplog):
+    """A long first batch must not fill a job log with identical lines (CI saw 18 `written 0/12` lines in 37 s): a
+    plain line comes first, whenever the count moved, after a heartbeat's silence, and at the end."""
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare()
+    clock = Clock()
+    progress = ProgressReporter(store, planned=8, interval_s=2, clock=clock, display="lines")
+    assert progress.heartbeat_s == 30.0
+
+    def shown() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "pipeline.output.progress"]
+
+    with caplog.at_level("INFO", logger="pipeline.output.progress"):
+        for _ in range(14):  # 28 s of ticks at 2 s with nothing written: the first line only
+            progress.tick()
+            clock.t += 2
+        assert [ln.split(" | ")[0] for ln in shown()] == ["progress: written 0/8 (0.0%) kept=0 rejected=0 failed=0"]
+        progress.tick()  # 28 s since the first line: still quiet
+        clock.t += 2
+        progress.tick()  # 30 s: the heartbeat
+        assert len(shown()) == 2 and "elapsed 30s" in shown()[-1]
+        _commit(store, "a", ["kept", "failed"])
+        clock.t += 2
+        progress.tick()  # the count moved: shown at once
+        progress.tick()  # unchanged again: quiet
+        assert len(shown()) == 3 and shown()[-1].startswith("progress: written 2/8 ")
+        progress.tick("finished")  # the last line always
+        assert len(shown()) == 4
+    assert json.loads((tmp_path / "out" / "_progress.json").read_text())["written"] == 2  # every tick, shown or not

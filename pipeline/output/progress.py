@@ -4,8 +4,9 @@
 The driver cannot see inside Ray Data's actors cheaply, but the committed index files are the truth of what
 is done: a background thread counts the rows of index files that appeared since the run started (kept,
 rejected, failed), derives a rate over its last window and an ETA against this run's planned count, and shows
-them. On a terminal that is one tqdm bar updated in place; piped (CI, a Ray job's logs) it is one plain line
-every few seconds, no carriage returns. ``_progress.json`` is rewritten on every tick whatever the console shows.
+them. On a terminal that is one tqdm bar updated in place; piped (CI, a Ray job's logs) it is a plain line, no
+carriage returns, when the count moved since the last line (at most one every few seconds), and otherwise one
+heartbeat line a while, so a long first batch does not fill a job log with identical lines. ``_progress.json`` is rewritten on every tick whatever the console shows.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ INTERVAL_ENV = "STYLEGEN_PROGRESS_S"
 DEFAULT_INTERVAL_S = 5.0
 BAR_INTERVAL_S = 1.0
 RATE_WINDOW_S = 60.0
+HEARTBEAT_MIN_S = 30.0  # an unchanged count is shown again after max(this, 6 x the interval)
 PROGRESS_FILE = "_progress.json"
 
 
@@ -95,6 +97,8 @@ class ProgressReporter:
         self._bar = None
         self.rate: float | None = None
         self.eta_s: float | None = None
+        self.heartbeat_s = max(HEARTBEAT_MIN_S, 6 * self.interval_s)
+        self._shown: tuple[float, int] | None = None  # (when, written) of the last plain line
 
     @property
     def written(self) -> int:
@@ -140,12 +144,20 @@ class ProgressReporter:
     def tick(self, state: str = "running") -> str:
         self.poll()
         text = self.line()
-        if self.display == "lines":
+        if self.display == "lines" and self._line_due(state):
+            self._shown = (self.clock(), self.written)
             log.info("%s", text)
         elif self.display == "bar":
             self._show_bar()
         self._write(state)
         return text
+
+    def _line_due(self, state: str) -> bool:
+        """A plain line is due first, last, when the count moved, or after a heartbeat's silence."""
+        if state != "running" or self._shown is None:
+            return True
+        when, written = self._shown
+        return written != self.written or self.clock() - when >= self.heartbeat_s
 
     def _write(self, state: str) -> None:
         try:
