@@ -133,7 +133,7 @@ def test_demo_runs_reads_back_and_resumes(tmp_path, ray_local):
     # bound (CI once saw 18 identical `written 0/12` lines).
     counts = [re.match(r"progress: written (\d+)/12 ", ln).group(1) for ln in lines if ln.startswith("progress: ")]
     elapsed = re.search(r"elapsed (?:(\d+)m)?(\d+)s$", lines[-2])
-    repeats = sum(a == b for a, b in zip(counts, counts[1:]))
+    repeats = sum(a == b for a, b in zip(counts, counts[1:], strict=False))
     assert elapsed and repeats <= 1 + (60 * int(elapsed.group(1) or 0) + int(elapsed.group(2))) // 30, first.stdout
     assert lines[-2].startswith("progress: written 12/12 (100.0%)"), first.stdout
     match = SUMMARY.match(lines[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -104,13 +105,21 @@ def _original_members(tar_paths: list[Path]) -> dict[str, dict[str, bytes]]:
 
 
 @pytest.mark.slow
-def test_filter_top_fraction_dedup_and_embedding_reuse(ray_local, samples, tmp_path):
+def test_filter_top_fraction_dedup_and_embedding_reuse(ray_local, samples, tmp_path, monkeypatch, caplog):
     tars = _shards(tmp_path, samples)
     cfg = _cfg(tmp_path, "half", top_fraction=0.5)
     plan = index_tars(list_inputs(cfg))
     assert len(plan) == 23
-    summary = curate(cfg, quiet=True)
+    monkeypatch.setenv("STYLEGEN_PROGRESS_S", "0.2")
+    with caplog.at_level("INFO", logger="pipeline.output.progress"):
+        summary = curate(cfg, quiet=False)
     assert (summary.planned, summary.failed) == (23, 0)
+    # The progress lines count the embedding pass (no index row yet), then the written samples.
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.output.progress"]
+    stages = [ln.split()[1] for ln in lines]
+    assert stages[0] == "embedded" and stages[-1] == "written" and "embedded" not in stages[stages.index("written"):]
+    assert all(re.match(r"progress: embedded \d+/23 \(", ln) for ln in lines if " embedded " in ln), lines
+    assert lines[-1].startswith("progress: written 23/23 (100.0%)"), lines
     assert abs(summary.kept - 23 * 0.5) <= 1  # half, within one sample, across three shards
     rows = check_invariants(str(tmp_path / "half"), {p["key"] for p in plan})
     run_json = json.loads((tmp_path / "half" / "run.json").read_text())

@@ -73,3 +73,45 @@ def test_piped_lines_repeat_an_unchanged_count_only_as_a_heartbeat(tmp_path, cap
         progress.tick("finished")  # the last line always
         assert len(shown()) == 4
     assert json.loads((tmp_path / "out" / "_progress.json").read_text())["written"] == 2  # every tick, shown or not
+
+
+def test_filter_embedding_pass_is_counted_then_the_written_samples(tmp_path, caplog):
+    """filter's first pass commits embedding files, no index rows: the display counts their rows against the
+    samples to embed, ``_progress.json`` and ``stylegen status`` say so, then the index rows are counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.review.status import output_status
+
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare()
+    emb = tmp_path / "out" / "embeddings"
+    emb.mkdir()
+    pq.write_table(pa.table({"key": ["old"]}), emb / "before.parquet")  # reused embeddings: not this pass
+    emb_store = OutputStore(str(emb))
+    clock = Clock()
+    progress = ProgressReporter(store, planned=6, interval_s=2, clock=clock, display="lines", command="filter")
+    progress.embedding(emb_store, 5)
+    with caplog.at_level("INFO", logger="pipeline.output.progress"):
+        progress.start()
+        clock.t += 10
+        pq.write_table(pa.table({"key": ["a", "b", "c", "d"]}), emb / "part-0.parquet")
+        progress.tick()
+        assert progress.line().startswith("progress: embedded 4/5 (80.0%) | 0.40 samples/s | ETA 2s")
+        found = output_status(str(tmp_path / "out"))
+        assert found.state == "running" and ": filter running (updated " in found.line(), found.line()
+        assert "this run embedded 4/5 (80.0%) | 0.40 samples/s" in found.line(), found.line()
+        pq.write_table(pa.table({"key": ["e"]}), emb / "part-1.parquet")
+        progress.writing()
+        assert progress.embedded == 5 and progress.stage == "write"
+        clock.t += 4
+        _commit(store, "a", ["kept", "rejected"])
+        progress.tick()
+        assert progress.line().startswith("progress: written 2/6 (33.3%) kept=1 rejected=1 failed=0 | 0.50 samples/s")
+        assert "this run written 2/6" in output_status(str(tmp_path / "out")).line()
+        progress.stop("finished")
+    shown = [r.getMessage().split(" | ")[0] for r in caplog.records if r.name == "pipeline.output.progress"]
+    assert shown == ["progress: embedded 4/5 (80.0%)", "progress: written 2/6 (33.3%) kept=1 rejected=1 failed=0",
+                     "progress: written 2/6 (33.3%) kept=1 rejected=1 failed=0"], shown
+    record = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    assert (record["state"], record["stage"], record["embedded"], record["to_embed"]) == ("finished", "write", 5, 5)

@@ -122,9 +122,13 @@ def _curate(cfg: FilterRunConfig, plan: Dataset, *, quiet: bool, retry_failed: s
     n_todo = todo_dataset(plan, store, before, out.samples_per_shard).count() if before else planned
     summary = RunSummary(planned=planned, skipped=planned - n_todo, **opened)
     removed: dict[str, int] | None = None  # by rule, over the whole pool; None when nothing was decided
-    # Counted and recorded for `stylegen status OUTPUT` (index rows: 0 while embedding), shown unless quiet.
+    # Counted and recorded for `stylegen status OUTPUT` (embedding rows, then index rows), shown unless quiet.
     progress = ProgressReporter(store, n_todo, display=None if quiet else "auto", command="filter",
-                                total=planned).start() if n_todo else None
+                                total=planned) if n_todo else None
+    if progress is not None:
+        if n_embed:
+            progress.embedding(emb_store, n_embed)
+        progress.start()
     state = "stopped"
     try:
         if n_embed:
@@ -140,6 +144,8 @@ def _curate(cfg: FilterRunConfig, plan: Dataset, *, quiet: bool, retry_failed: s
             with StallWatch(cfg.ray.stall_timeout_s, [Pool("scoring", sc.num_cpus, sc.num_gpus, sc.actors)]):
                 ds.write_datasink(TableDatasink(cfg.embeddings_path(), out.fsync, EMB_SCHEMA))
         summary.timings["embed_s"] = round(time.time() - started, 3)
+        if progress is not None:
+            progress.writing()
         if n_todo:
             decided = decisions_dataset(plan, planned, emb_store, cfg.filter.model_dump(),
                                         sc.heads_dump()).materialize()

@@ -6,7 +6,10 @@ is done: a background thread counts the rows of index files that appeared since 
 rejected, failed), derives a rate over its last window and an ETA against this run's planned count, and shows
 them. On a terminal that is one tqdm bar updated in place; piped (CI, a Ray job's logs) it is a plain line, no
 carriage returns, when the count moved since the last line (at most one every few seconds), and otherwise one
-heartbeat line a while, so a long first batch does not fill a job log with identical lines. ``_progress.json`` is rewritten on every tick whatever the console shows.
+heartbeat line a while, so a long first batch does not fill a job log with identical lines. ``filter`` has a
+first pass that writes no index rows (the embeddings): while it runs, the display counts the rows of embedding
+files committed since it began (:meth:`ProgressReporter.embedding`), then the index rows as ``run`` does.
+``_progress.json`` is rewritten on every tick whatever the console shows.
 """
 
 from __future__ import annotations
@@ -57,15 +60,31 @@ def index_statuses(store: OutputStore, path: str) -> list[str]:
         return pq.read_table(f, columns=["status"], use_threads=False).column("status").to_pylist()
 
 
+def parquet_rows(store: OutputStore, path: str) -> int:
+    """The row count of one committed parquet file, from its footer."""
+    with store.fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _rate_eta(rate: float | None, eta_s: float | None, done: bool) -> str:
+    eta = "0s" if done else (duration(eta_s) if eta_s is not None else "?")
+    return f"{rate:.2f} samples/s | ETA {eta}" if rate is not None else f"? samples/s | ETA {eta}"
+
+
+def embedding_text(embedded: int, to_embed: int, rate: float | None, eta_s: float | None) -> str:
+    """``embedded E/T (x%) | rate/s | ETA``: filter's first pass, in the plain lines and in ``stylegen status``."""
+    pct = 100.0 * embedded / to_embed if to_embed else 100.0
+    return f"embedded {embedded}/{to_embed} ({pct:.1f}%) | {_rate_eta(rate, eta_s, embedded >= to_embed)}"
+
+
 def progress_text(written: int, planned: int, counts: dict[str, int], rate: float | None,
                   eta_s: float | None) -> str:
     """``written W/P (x%) kept=K rejected=R failed=F | rate/s | ETA``: the same words in the plain lines and in
     ``stylegen status``."""
     pct = 100.0 * written / planned if planned else 100.0
-    eta = "0s" if written >= planned else (duration(eta_s) if eta_s is not None else "?")
-    rate_text = f"{rate:.2f} samples/s" if rate is not None else "? samples/s"
     return (f"written {written}/{planned} ({pct:.1f}%) kept={counts.get('kept', 0)} "
-            f"rejected={counts.get('rejected', 0)} failed={counts.get('failed', 0)} | {rate_text} | ETA {eta}")
+            f"rejected={counts.get('rejected', 0)} failed={counts.get('failed', 0)} | "
+            f"{_rate_eta(rate, eta_s, written >= planned)}")
 
 
 class ProgressReporter:
@@ -95,17 +114,55 @@ class ProgressReporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar = None
+        self._bar_stage = "write"
         self.rate: float | None = None
         self.eta_s: float | None = None
         self.heartbeat_s = max(HEARTBEAT_MIN_S, 6 * self.interval_s)
-        self._shown: tuple[float, int] | None = None  # (when, written) of the last plain line
+        self._shown: tuple[float, str, int] | None = None  # (when, stage, count) of the last plain line
+        # filter's embedding pass, while it runs: its store, the files seen, rows embedded, rows to embed
+        self._embed: tuple[OutputStore, set[str]] | None = None
+        self.embedded = 0
+        self.to_embed = 0
+
+    @property
+    def stage(self) -> str:
+        return "embed" if self._embed is not None else "write"
+
+    def embedding(self, store: OutputStore, to_embed: int) -> None:
+        """Count filter's first pass (rows of embedding files that ``store`` commits from now on) until
+        :meth:`writing`."""
+        self.embedded, self.to_embed = 0, to_embed
+        self._embed = (store, set(store.parquet_files(".")))
+        self._restart_rate(0)
+
+    def writing(self) -> None:
+        """Back to the index rows (the pass that writes the output)."""
+        if self._embed is not None:
+            self.poll()
+            self._embed = None
+            self._restart_rate(self.written)
+
+    def _restart_rate(self, count: int) -> None:
+        self._history = deque([(self.clock(), count)])
 
     @property
     def written(self) -> int:
         return sum(self.counts.values())
 
     def poll(self) -> None:
-        """Count the rows of index files that appeared since the last poll (a rewritten file counts once)."""
+        """Count the rows of index files (or, during filter's embedding pass, of embedding files) that appeared
+        since the last poll (a rewritten file counts once)."""
+        if self._embed is not None:
+            store, seen = self._embed
+            for path in store.parquet_files("."):
+                if path not in seen:
+                    try:
+                        self.embedded += parquet_rows(store, path)
+                    except Exception as exc:  # as below: the next poll tries again
+                        log.debug("progress: cannot read %s yet: %s", path, exc)
+                        continue
+                    seen.add(path)
+            return
         for path in self.store.index_files():
             if path in self._seen:
                 continue
@@ -118,34 +175,42 @@ class ProgressReporter:
             for st in status:
                 self.counts[st] = self.counts.get(st, 0) + 1
 
+    @property
+    def _done_of(self) -> tuple[int, int]:
+        """(done, total) of the current stage."""
+        return (self.embedded, self.to_embed) if self._embed is not None else (self.written, self.planned)
+
     def _measure(self) -> None:
         now = self.clock()
-        written = self.written
-        self._history.append((now, written))
+        done, total = self._done_of
+        self._history.append((now, done))
         while len(self._history) > 2 and now - self._history[1][0] >= RATE_WINDOW_S:
             self._history.popleft()
         t0, w0 = self._history[0]
-        self.rate = (written - w0) / (now - t0) if now > t0 else 0.0
-        left = max(0, self.planned - written)
+        self.rate = (done - w0) / (now - t0) if now > t0 else 0.0
+        left = max(0, total - done)
         self.eta_s = left / self.rate if self.rate > 0 else (0.0 if left == 0 else None)
 
     def line(self) -> str:
-        """``progress: written W/P (x%) kept=K rejected=R failed=F | rate/s | ETA | elapsed``."""
+        """``progress: written W/P (x%) kept=K rejected=R failed=F | rate/s | ETA | elapsed`` (``embedded E/T (x%)
+        | ...`` during filter's embedding pass)."""
         self._measure()
-        return (f"progress: {progress_text(self.written, self.planned, self.counts, self.rate, self.eta_s)} | "
-                f"elapsed {duration(self.clock() - self._started)}")
+        text = (embedding_text(self.embedded, self.to_embed, self.rate, self.eta_s) if self._embed is not None
+                else progress_text(self.written, self.planned, self.counts, self.rate, self.eta_s))
+        return f"progress: {text} | elapsed {duration(self.clock() - self._started)}"
 
     def record(self, state: str = "running") -> dict[str, Any]:
         """What ``_progress.json`` holds: this run's counts, rate and ETA, and when they were taken."""
-        return {"command": self.command, "state": state, "pid": os.getpid(), "planned": self.planned,
-                "dataset_planned": self.total, "written": self.written, **self.counts, "rate": self.rate,
-                "eta_s": self.eta_s, "started_at": self._started_at, "updated_at": time.time()}
+        return {"command": self.command, "state": state, "stage": self.stage, "pid": os.getpid(),
+                "planned": self.planned, "dataset_planned": self.total, "written": self.written, **self.counts,
+                "embedded": self.embedded, "to_embed": self.to_embed, "rate": self.rate, "eta_s": self.eta_s,
+                "started_at": self._started_at, "updated_at": time.time()}
 
     def tick(self, state: str = "running") -> str:
         self.poll()
         text = self.line()
         if self.display == "lines" and self._line_due(state):
-            self._shown = (self.clock(), self.written)
+            self._shown = (self.clock(), self.stage, self._done_of[0])
             log.info("%s", text)
         elif self.display == "bar":
             self._show_bar()
@@ -156,8 +221,8 @@ class ProgressReporter:
         """A plain line is due first, last, when the count moved, or after a heartbeat's silence."""
         if state != "running" or self._shown is None:
             return True
-        when, written = self._shown
-        return written != self.written or self.clock() - when >= self.heartbeat_s
+        when, stage, done = self._shown
+        return (stage, done) != (self.stage, self._done_of[0]) or self.clock() - when >= self.heartbeat_s
 
     def _write(self, state: str) -> None:
         try:
@@ -168,17 +233,24 @@ class ProgressReporter:
     def _show_bar(self) -> None:
         from tqdm import tqdm
 
+        done, total = self._done_of
+        if self._bar is not None and self._bar_stage != self.stage:  # the embedding bar is done: a new one
+            self._bar.close()
+            self._bar = None
         if self._bar is None:
+            self._bar_stage = self.stage
             try:  # a terminal that reports no width (some ptys) would get an empty bar
                 sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
             except (OSError, ValueError, AttributeError):
                 sized = False
-            self._bar = tqdm(total=self.planned, unit="sample", file=sys.stderr, desc=self.command, smoothing=0.1,
+            desc = f"{self.command}: embed" if self._embed is not None else self.command
+            self._bar = tqdm(total=total, unit="sample", file=sys.stderr, desc=desc, smoothing=0.1,
                              **({"dynamic_ncols": True} if sized else {"ncols": 100}))
-        self._bar.n = self.written
-        c = self.counts
-        self._bar.set_postfix_str(f"kept={c.get('kept', 0)} rejected={c.get('rejected', 0)} "
-                                  f"failed={c.get('failed', 0)}", refresh=False)
+        self._bar.n = done
+        if self._embed is None:
+            c = self.counts
+            self._bar.set_postfix_str(f"kept={c.get('kept', 0)} rejected={c.get('rejected', 0)} "
+                                      f"failed={c.get('failed', 0)}", refresh=False)
         self._bar.refresh()
 
     def _loop(self) -> None:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.output.progress import PROGRESS_FILE, duration, index_statuses, progress_text
+from pipeline.output.progress import PROGRESS_FILE, duration, embedding_text, index_statuses, progress_text
 from pipeline.output.store import OutputStore
 
 # A running command rewrites _progress.json at least every few seconds; older than this, it no longer runs.
@@ -36,8 +36,11 @@ class OutputStatus:
         if self.state == "running" and self.progress:
             p = self.progress
             age = duration(max(0.0, time.time() - float(p.get("updated_at", 0))))
-            this_run = progress_text(int(p.get("written", 0)), int(p.get("planned", 0)), p, p.get("rate"),
-                                     p.get("eta_s"))
+            if p.get("stage") == "embed":  # filter's first pass: no index rows yet
+                this_run = embedding_text(p["embedded"], p["to_embed"], p.get("rate"), p.get("eta_s"))
+            else:
+                this_run = progress_text(int(p.get("written", 0)), int(p.get("planned", 0)), p, p.get("rate"),
+                                         p.get("eta_s"))
             return (f"{self.url}: {p.get('command', 'run')} running (updated {age} ago): this run {this_run}; "
                     f"the output holds {held}{of} ({totals})")
         if self.state == "finished":
@@ -71,12 +74,13 @@ def _clean(progress: Any) -> dict[str, Any] | None:
     if not isinstance(progress, dict):
         return None
     out: dict[str, Any] = {k: _number(progress.get(k)) for k in
-                           ("planned", "dataset_planned", "written", "kept", "rejected", "failed", "rate", "eta_s",
-                            "started_at", "updated_at")}
-    for k in ("planned", "dataset_planned", "written", "kept", "rejected", "failed"):
+                           ("planned", "dataset_planned", "written", "kept", "rejected", "failed", "embedded",
+                            "to_embed", "rate", "eta_s", "started_at", "updated_at")}
+    for k in ("planned", "dataset_planned", "written", "kept", "rejected", "failed", "embedded", "to_embed"):
         out[k] = int(out[k]) if out[k] is not None else 0
     out["command"] = progress.get("command") if progress.get("command") in ("run", "filter") else "run"
     out["state"] = progress.get("state") if progress.get("state") in ("running", "stopped", "finished") else None
+    out["stage"] = "embed" if progress.get("stage") == "embed" else "write"
     return out
 
 
