@@ -16,6 +16,8 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
+RANDOM_WEIGHTS_SEED = 0  # the seed of a randomly initialised CLIP (no pretrained weights)
+
 # A real open_clip CLIP (vision transformer + text transformer, bundled BPE tokenizer) with tiny widths:
 # scores are meaningless, but every code path of real CLIP scoring runs.
 TINY_CLIP_CONFIG = {
@@ -60,6 +62,30 @@ def resolve_clip(model: str, pretrained: str) -> tuple[str, str | None, bool]:
     return model, pretrained, True
 
 
+def simple_tokenizer():
+    """open_clip's CLIP BPE tokenizer (``SimpleTokenizer``, its bundled vocabulary), loaded from its own file.
+
+    The stylize actor needs it only to count a prompt's tokens, and ``import open_clip.tokenizer`` first runs the
+    package's ``__init__``, which imports torchvision's models, torch._dynamo and transformers: 4-6 s of every
+    actor's start-up (17 s on a busy 2-core machine). ``tokenizer.py`` imports no other open_clip module, so it is
+    executed alone here (by hand: open_clip has no lighter entry point); should a later open_clip change that, the
+    package import is the fallback."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("open_clip")
+        source = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+        loaded = importlib.util.spec_from_file_location("stylegen_open_clip_tokenizer", source)
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+        return module.SimpleTokenizer()
+    except Exception as exc:  # any failure of the shortcut falls back to the package
+        log.debug("open_clip's tokenizer file did not load alone (%s); importing the package", exc)
+        from open_clip.tokenizer import SimpleTokenizer
+
+        return SimpleTokenizer()
+
+
 class ClipScorer:
     """Batched open_clip scoring with a bounded cache of style embeddings."""
 
@@ -69,9 +95,13 @@ class ClipScorer:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         name, weights, self.meaningful = resolve_clip(model, pretrained)
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=weights, device=self.device, weights_only=True
-        )
+        # Random weights (``clip_pretrained: none``) are drawn from a fixed seed, so every scoring actor of a run,
+        # and every run, holds the same model and gives a sample the same (meaningless) scores.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=weights, device=self.device, weights_only=True
+            )
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         self._style_cache: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -228,3 +231,41 @@ def test_non_finite_scores_reject_even_without_thresholds(bad, which):
         row = filtered(c, s, **thresholds)
         assert row["status"] == "rejected", thresholds
         assert "finite" in row["reason"]
+
+
+def test_the_prompt_tokenizer_is_open_clips_without_importing_the_package():
+    """The stylize actor counts prompt tokens with open_clip's BPE; it must not pay for the open_clip package's
+    import (torchvision models, torch._dynamo, transformers: seconds of every actor's start-up). In a new
+    interpreter: the tokens equal open_clip's own, and the package was not imported to get them."""
+    code = (
+        "import sys, json\n"
+        "from pipeline.generate.stages import clip_tokenizer, prompt_meta\n"
+        "prompts = ['a fox', 'Ünïcödé &amp; <b>html</b>  spaces', 'word ' * 90]\n"
+        "tokens = [clip_tokenizer().encode(p) for p in prompts]\n"
+        "alone = 'open_clip' not in sys.modules and 'transformers' not in sys.modules\n"
+        "meta = prompt_meta(prompts[2])\n"
+        "from open_clip.tokenizer import SimpleTokenizer\n"
+        "print(json.dumps([alone, tokens == [SimpleTokenizer().encode(p) for p in prompts], meta]))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    alone, same, meta = json.loads(done.stdout.strip().splitlines()[-1])
+    assert alone and same, (alone, same)
+    assert meta == {"prompt_chars": 450, "prompt_clip_tokens": 90, "prompt_truncated": True}, meta
+
+
+def test_random_clip_weights_are_the_same_in_every_actor_and_leave_the_global_rng_alone():
+    """The demo scores with a random ViT-B-32 (``clip_pretrained: none``): two scoring actors of one run, or two
+    runs, must hold the same model (the same sample, the same score), and building it must not move the caller's
+    random stream."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = ClipScorer("ViT-B-32", "none", device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+    second = ClipScorer("ViT-B-32", "none", device="cpu")
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    image = Image.new("RGB", (40, 30), (90, 160, 30))
+    assert torch.equal(first.embed_images([image]), second.embed_images([image]))

@@ -163,8 +163,8 @@ class Stylizer:
         self.breaker = FailureBreaker(operator.get("failures"))
         self.max_items: int | None = None  # after an out-of-memory error: the most items one call may get
         self._announced: int | None = None
-        # Loaded now, with the model, not after the first batch: importing open_clip takes seconds (17 s on a
-        # busy 2-core machine), which the first call would spend while the device waits.
+        # Loaded now, with the model, not after the first batch (without the open_clip package: see
+        # simple_tokenizer), so the first call does not spend it while the device waits.
         clip_tokenizer()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -275,9 +275,9 @@ CLIP_TEXT_TOKENS = 75  # CLIP's 77-token context minus start and end: the scorer
 
 @functools.lru_cache(maxsize=1)
 def clip_tokenizer():
-    from open_clip.tokenizer import SimpleTokenizer
+    from operators.clip_score import simple_tokenizer
 
-    return SimpleTokenizer()
+    return simple_tokenizer()
 
 
 def prompt_meta(prompt: str | None) -> dict[str, Any]:
