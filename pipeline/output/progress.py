@@ -87,6 +87,21 @@ def progress_text(written: int, planned: int, counts: dict[str, int], rate: floa
             f"{_rate_eta(rate, eta_s, written >= planned)}")
 
 
+def _unseen(paths: list[str], seen: set[str], read):
+    """``read(path)`` of each path not in ``seen`` yet, which is then added to it; a file that cannot be read yet
+    (being replaced, a transient S3 error) stays unseen for the next poll: progress must never break a run."""
+    for path in paths:
+        if path in seen:
+            continue
+        try:
+            value = read(path)
+        except Exception as exc:
+            log.debug("progress: cannot read %s yet: %s", path, exc)
+            continue
+        seen.add(path)
+        yield value
+
+
 class ProgressReporter:
     """Counts this run's committed index rows from a daemon thread; shows them (``display``: "bar", "lines" or
     None; default: a bar on a terminal, lines otherwise) and records them in ``_progress.json``."""
@@ -110,7 +125,7 @@ class ProgressReporter:
         self._seen = set(store.index_files())  # committed before this run: not this run's progress
         self._started = clock()
         self._started_at = time.time()
-        self._history: deque[tuple[float, int]] = deque([(self._started, 0)])
+        self._history: deque[tuple[float, int]] = deque([(self._started, 0)])  # (when, done) over the rate window
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar = None
@@ -154,24 +169,9 @@ class ProgressReporter:
         since the last poll (a rewritten file counts once)."""
         if self._embed is not None:
             store, seen = self._embed
-            for path in store.parquet_files("."):
-                if path not in seen:
-                    try:
-                        self.embedded += parquet_rows(store, path)
-                    except Exception as exc:  # as below: the next poll tries again
-                        log.debug("progress: cannot read %s yet: %s", path, exc)
-                        continue
-                    seen.add(path)
+            self.embedded += sum(_unseen(store.parquet_files("."), seen, lambda p: parquet_rows(store, p)))
             return
-        for path in self.store.index_files():
-            if path in self._seen:
-                continue
-            try:
-                status = index_statuses(self.store, path)
-            except Exception as exc:  # progress must never break a run; the next poll tries again
-                log.debug("progress: cannot read %s yet: %s", path, exc)
-                continue
-            self._seen.add(path)
+        for status in _unseen(self.store.index_files(), self._seen, lambda p: index_statuses(self.store, p)):
             for st in status:
                 self.counts[st] = self.counts.get(st, 0) + 1
 
