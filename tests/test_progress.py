@@ -115,3 +115,30 @@ def test_filter_embedding_pass_is_counted_then_the_written_samples(tmp_path, cap
                      "progress: written 2/6 (33.3%) kept=1 rejected=1 failed=0"], shown
     record = json.loads((tmp_path / "out" / "_progress.json").read_text())
     assert (record["state"], record["stage"], record["embedded"], record["to_embed"]) == ("finished", "write", 5, 5)
+
+
+def test_two_threads_polling_at_once_count_a_file_once(tmp_path, monkeypatch):
+    """filter's writing() polls on the caller's thread while the ticker thread may be polling: a file read by
+    both at the same moment must still count once."""
+    import threading
+    import time
+
+    import pipeline.output.progress as progress_module
+
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare()
+    progress = ProgressReporter(store, planned=4, interval_s=0, clock=Clock())
+    _commit(store, "a", ["kept", "kept", "failed"])
+    real = progress_module.index_statuses
+
+    def slow(store, path):  # both threads are inside the read before either marks the file seen
+        time.sleep(0.3)
+        return real(store, path)
+
+    monkeypatch.setattr(progress_module, "index_statuses", slow)
+    threads = [threading.Thread(target=progress.poll) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert progress.counts == {"kept": 2, "rejected": 0, "failed": 1}

@@ -127,6 +127,7 @@ class ProgressReporter:
         self._started_at = time.time()
         self._history: deque[tuple[float, int]] = deque([(self._started, 0)])  # (when, done) over the rate window
         self._stop = threading.Event()
+        self._polling = threading.Lock()  # the ticker thread and writing() (the caller's thread) both poll
         self._thread: threading.Thread | None = None
         self._bar = None
         self._bar_stage = "write"
@@ -167,13 +168,14 @@ class ProgressReporter:
     def poll(self) -> None:
         """Count the rows of index files (or, during filter's embedding pass, of embedding files) that appeared
         since the last poll (a rewritten file counts once)."""
-        if self._embed is not None:
-            store, seen = self._embed
-            self.embedded += sum(_unseen(store.parquet_files("."), seen, lambda p: parquet_rows(store, p)))
-            return
-        for status in _unseen(self.store.index_files(), self._seen, lambda p: index_statuses(self.store, p)):
-            for st in status:
-                self.counts[st] = self.counts.get(st, 0) + 1
+        with self._polling:
+            if self._embed is not None:
+                store, seen = self._embed
+                self.embedded += sum(_unseen(store.parquet_files("."), seen, lambda p: parquet_rows(store, p)))
+                return
+            for status in _unseen(self.store.index_files(), self._seen, lambda p: index_statuses(self.store, p)):
+                for st in status:
+                    self.counts[st] = self.counts.get(st, 0) + 1
 
     @property
     def _done_of(self) -> tuple[int, int]:
